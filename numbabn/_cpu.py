@@ -1,0 +1,73 @@
+"""CPU backend: picks the kernel for the layout, allocates outputs, runs it safely.
+
+Inputs arrive validated and in a kernel dtype (float32 or float64); per-channel vectors
+are float64. Outputs are written into ``out`` when given (through a view when its memory
+order allows, else through one temporary) or into a new array laid out like ``x``.
+"""
+
+import numpy as np
+
+from . import _kernels_cpu as k
+from ._layout import blocks, empty_like_layout, input_blocks, prepare
+from ._runtime import parallel_region
+
+
+def _output(out, x, layout):
+    """(array returned to the caller, blocks view the kernel writes, array to copy to)."""
+    if out is not None:
+        view = blocks(out, layout)
+        if view is not None:
+            return out, view, None
+    y = empty_like_layout(x.shape, x.dtype, layout)
+    return y, blocks(y, layout), out
+
+
+def _finish(y, copy_to):
+    if copy_to is None:
+        return y
+    np.copyto(copy_to, y)
+    return copy_to
+
+
+def channel_stats(x, axis):
+    """Per-channel mean and biased variance (float64), shifted sums + Chan's merge."""
+    layout, xv = prepare(x, axis)
+    mean = np.empty(layout.channels)
+    var = np.empty(layout.channels)
+    kernel = k.stats_rows if layout.is_rows else k.stats_planes
+    with parallel_region():
+        kernel(xv, *layout.plan(), mean, var)
+    return mean, var
+
+
+def affine(x, axis, center, scale, offset, out=None):
+    """``(x - center) * scale + offset`` per channel."""
+    layout, xv = prepare(x, axis)
+    y, yv, copy_to = _output(out, x, layout)
+    kernel = k.affine_rows if layout.is_rows else k.affine_planes
+    with parallel_region():
+        kernel(xv, *layout.plan(), center, scale, offset, yv)
+    return _finish(y, copy_to)
+
+
+def grad_sums(dy, x, axis, mean):
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` (float64), one pass."""
+    layout, xv = prepare(x, axis)
+    dyv = input_blocks(dy, layout)
+    sum_dy = np.empty(layout.channels)
+    sum_dy_xmu = np.empty(layout.channels)
+    kernel = k.grad_sums_rows if layout.is_rows else k.grad_sums_planes
+    with parallel_region():
+        kernel(dyv, xv, *layout.plan(), mean, sum_dy, sum_dy_xmu)
+    return sum_dy, sum_dy_xmu
+
+
+def grad_input(dy, x, axis, mean, k_dy, mean_dy, k_x, out=None):
+    """``k_dy * (dy - mean_dy) - k_x * (x - mean)`` per channel."""
+    layout, xv = prepare(x, axis)
+    dyv = input_blocks(dy, layout)
+    dx, dxv, copy_to = _output(out, x, layout)
+    kernel = k.grad_input_rows if layout.is_rows else k.grad_input_planes
+    with parallel_region():
+        kernel(dyv, xv, *layout.plan(), mean, k_dy, mean_dy, k_x, dxv)
+    return _finish(dx, copy_to)

@@ -1,0 +1,300 @@
+"""Numba CPU kernels: plain loops over 2-D and 3-D views, writing into given outputs.
+
+Two layouts cover every input (``_layout`` maps an array and its channel axis to one):
+
+* rows ``(R, C)``: channels are the contiguous axis (NHWC, (N, C)). A task owns a block
+  of rows and all channels; the inner loop runs over channels and vectorizes.
+* planes ``(O, C, I)``: each channel is a run of ``I`` contiguous elements per outer
+  index (NCHW). A task owns one channel over a block of the ``(O, I)`` plane and keeps
+  ``config.LANES`` accumulators so the inner loop vectorizes without reassociation.
+
+Reductions write one partial result per task into ``(n_tasks_per_channel, C)`` arrays
+and merge them in index order after the parallel loop. The split comes from the shape
+(``_layout``), so results are bitwise independent of the thread count. No kernel uses
+an implicit ``prange`` reduction on floats, and no ``fastmath``: the order of every
+floating-point sum is fixed by the code.
+
+All arithmetic is in float64, whatever the storage dtype: the kernels are
+memory-bound, so the wider arithmetic is free and the float32 outputs are correctly
+rounded results of float64 computations.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .config import LANES
+
+_OPTS = dict(cache=True, nogil=True)
+
+
+# --------------------------------------------------------------------------- merges
+
+@njit(**_OPTS)
+def _merge_moments(counts, pmean, pm2, mean, var):
+    """Merge per-task (count, mean, M2) into per-channel mean and biased variance.
+
+    Chan, Golub & LeVeque's pairwise update, applied in task order: for partials a and
+    b, ``delta = mean_b - mean_a``, ``mean = mean_a + delta * n_b / n`` and
+    ``M2 = M2_a + M2_b + delta**2 * n_a * n_b / n``. Equal means give ``delta == 0``, so
+    a constant channel keeps its exact mean and a zero M2.
+    """
+    ntasks, C = pmean.shape
+    for c in range(C):
+        n_a = counts[0]
+        mean_a = pmean[0, c]
+        m2_a = pm2[0, c]
+        for k in range(1, ntasks):
+            n_b = counts[k]
+            n = n_a + n_b
+            delta = pmean[k, c] - mean_a
+            mean_a += delta * (n_b / n)
+            m2_a += pm2[k, c] + delta * delta * (n_a * (n_b / n))
+            n_a = n
+        mean[c] = mean_a
+        var[c] = m2_a / n_a
+
+
+@njit(**_OPTS)
+def _sum_partials(psum, out):
+    ntasks, C = psum.shape
+    for c in range(C):
+        s = 0.0
+        for k in range(ntasks):
+            s += psum[k, c]
+        out[c] = s
+
+
+@njit(**_OPTS)
+def _shifted_to_moments(n, shift, s1, s2):
+    """(count, sum(x-K), sum((x-K)**2)) -> (mean, M2) of one task; M2 is never negative."""
+    m = s1 / n
+    m2 = s2 - s1 * m
+    if m2 < 0.0:  # rounding only; NaN compares False and propagates
+        m2 = 0.0
+    return shift + m, m2
+
+
+# ----------------------------------------------------------------------- statistics
+
+@njit(parallel=True, **_OPTS)
+def stats_rows(x, rows_per_task, mean, var):
+    """Per-column mean and biased variance of ``x`` (R, C); see ``_merge_moments``.
+
+    Each task accumulates shifted sums over its rows in float64 with the shift K set to
+    the task's first row, converts them to (mean, M2) and the tasks merge with Chan's
+    rule. With K a sample of the same channel, ``sum((x-K)**2) - sum(x-K)**2 / n`` cancels
+    only about ``((mean-K)/std)**2`` units of float64 rounding, so data with a large
+    mean (1e4 + N(0, 1) in float32) keep a float64-accurate variance in one pass.
+    """
+    R, C = x.shape
+    ntasks = (R + rows_per_task - 1) // rows_per_task
+    counts = np.empty(ntasks)
+    pmean = np.empty((ntasks, C))
+    pm2 = np.empty((ntasks, C))
+    for k in prange(ntasks):
+        r0 = k * rows_per_task
+        r1 = min(R, r0 + rows_per_task)
+        s1 = pmean[k]
+        s2 = pm2[k]
+        s1[:] = 0.0
+        s2[:] = 0.0
+        shift = np.empty(C)
+        for c in range(C):
+            shift[c] = x[r0, c]
+        for r in range(r0, r1):
+            xr = x[r]
+            for c in range(C):
+                d = np.float64(xr[c]) - shift[c]
+                s1[c] += d
+                s2[c] += d * d
+        n = np.float64(r1 - r0)
+        counts[k] = n
+        for c in range(C):
+            s1[c], s2[c] = _shifted_to_moments(n, shift[c], s1[c], s2[c])
+    _merge_moments(counts, pmean, pm2, mean, var)
+
+
+@njit(**_OPTS)
+def _plane_task(t, C, O, I, o_per, i_per):
+    """Task t -> (channel, task index within the channel, o0, o1, i0, i1)."""
+    n_o = (O + o_per - 1) // o_per
+    n_i = (I + i_per - 1) // i_per
+    c = t // (n_o * n_i)
+    j = t % (n_o * n_i)
+    o0 = (j // n_i) * o_per
+    i0 = (j % n_i) * i_per
+    return c, j, o0, min(O, o0 + o_per), i0, min(I, i0 + i_per)
+
+
+@njit(parallel=True, **_OPTS)
+def stats_planes(x, o_per, i_per, mean, var):
+    """Per-channel mean and biased variance of ``x`` (O, C, I); as ``stats_rows``.
+
+    A task reduces one channel over an ``o_per x i_per`` block with the block's first
+    element as shift, in ``LANES`` float64 accumulators summed in lane order.
+    """
+    O, C, I = x.shape
+    n_j = ((O + o_per - 1) // o_per) * ((I + i_per - 1) // i_per)
+    counts = np.empty(n_j)
+    pmean = np.empty((n_j, C))
+    pm2 = np.empty((n_j, C))
+    for t in prange(C * n_j):
+        c, j, o0, o1, i0, i1 = _plane_task(t, C, O, I, o_per, i_per)
+        shift = np.float64(x[o0, c, i0])
+        a1 = np.zeros(LANES)
+        a2 = np.zeros(LANES)
+        for o in range(o0, o1):
+            xr = x[o, c, i0:i1]  # 1-D slices vectorize; 3-D indexing in the loop did not
+            n_vec = (xr.size // LANES) * LANES
+            for i in range(0, n_vec, LANES):
+                xl = xr[i:i + LANES]
+                for l in range(LANES):
+                    d = np.float64(xl[l]) - shift
+                    a1[l] += d
+                    a2[l] += d * d
+            for l in range(xr.size - n_vec):
+                d = np.float64(xr[n_vec + l]) - shift
+                a1[l] += d
+                a2[l] += d * d
+        s1 = 0.0
+        s2 = 0.0
+        for l in range(LANES):
+            s1 += a1[l]
+            s2 += a2[l]
+        n = np.float64((o1 - o0) * (i1 - i0))
+        if c == 0:
+            counts[j] = n
+        pmean[j, c], pm2[j, c] = _shifted_to_moments(n, shift, s1, s2)
+    _merge_moments(counts, pmean, pm2, mean, var)
+
+
+# ------------------------------------------------------------ normalize / inference
+
+@njit(parallel=True, **_OPTS)
+def affine_rows(x, rows_per_task, center, scale, offset, y):
+    """``y = (x - center[c]) * scale[c] + offset[c]`` on (R, C) views, in float64.
+
+    Subtracting the centre first (rather than folding it into the offset) keeps a
+    constant channel at exactly ``offset``: ``x - center`` is exactly zero there.
+    """
+    R, C = x.shape
+    ntasks = (R + rows_per_task - 1) // rows_per_task
+    for k in prange(ntasks):
+        r0 = k * rows_per_task
+        r1 = min(R, r0 + rows_per_task)
+        for r in range(r0, r1):
+            for c in range(C):
+                y[r, c] = (np.float64(x[r, c]) - center[c]) * scale[c] + offset[c]
+
+
+@njit(parallel=True, **_OPTS)
+def affine_planes(x, o_per, i_per, center, scale, offset, y):
+    """As ``affine_rows`` on (O, C, I) views."""
+    O, C, I = x.shape
+    n_j = ((O + o_per - 1) // o_per) * ((I + i_per - 1) // i_per)
+    for t in prange(C * n_j):
+        c, j, o0, o1, i0, i1 = _plane_task(t, C, O, I, o_per, i_per)
+        m = center[c]
+        s = scale[c]
+        b = offset[c]
+        for o in range(o0, o1):
+            xr = x[o, c, i0:i1]
+            yr = y[o, c, i0:i1]
+            for i in range(xr.size):
+                yr[i] = (np.float64(xr[i]) - m) * s + b
+
+
+# ------------------------------------------------------------------------- backward
+
+@njit(parallel=True, **_OPTS)
+def grad_sums_rows(dy, x, rows_per_task, mean, sum_dy, sum_dy_xmu):
+    """Per-column ``sum(dy)`` and ``sum(dy * (x - mean))`` of (R, C) views, one pass."""
+    R, C = x.shape
+    ntasks = (R + rows_per_task - 1) // rows_per_task
+    p1 = np.empty((ntasks, C))
+    p2 = np.empty((ntasks, C))
+    for k in prange(ntasks):
+        r0 = k * rows_per_task
+        r1 = min(R, r0 + rows_per_task)
+        s1 = p1[k]
+        s2 = p2[k]
+        s1[:] = 0.0
+        s2[:] = 0.0
+        for r in range(r0, r1):
+            for c in range(C):
+                g = np.float64(dy[r, c])
+                s1[c] += g
+                s2[c] += g * (np.float64(x[r, c]) - mean[c])
+    _sum_partials(p1, sum_dy)
+    _sum_partials(p2, sum_dy_xmu)
+
+
+@njit(parallel=True, **_OPTS)
+def grad_sums_planes(dy, x, o_per, i_per, mean, sum_dy, sum_dy_xmu):
+    """As ``grad_sums_rows`` on (O, C, I) views, with ``LANES`` accumulators."""
+    O, C, I = x.shape
+    n_j = ((O + o_per - 1) // o_per) * ((I + i_per - 1) // i_per)
+    p1 = np.empty((n_j, C))
+    p2 = np.empty((n_j, C))
+    for t in prange(C * n_j):
+        c, j, o0, o1, i0, i1 = _plane_task(t, C, O, I, o_per, i_per)
+        m = mean[c]
+        a1 = np.zeros(LANES)
+        a2 = np.zeros(LANES)
+        for o in range(o0, o1):
+            xr = x[o, c, i0:i1]
+            gr = dy[o, c, i0:i1]
+            n_vec = (xr.size // LANES) * LANES
+            for i in range(0, n_vec, LANES):
+                xl = xr[i:i + LANES]
+                gl = gr[i:i + LANES]
+                for l in range(LANES):
+                    g = np.float64(gl[l])
+                    a1[l] += g
+                    a2[l] += g * (np.float64(xl[l]) - m)
+            for l in range(xr.size - n_vec):
+                g = np.float64(gr[n_vec + l])
+                a1[l] += g
+                a2[l] += g * (np.float64(xr[n_vec + l]) - m)
+        s1 = 0.0
+        s2 = 0.0
+        for l in range(LANES):
+            s1 += a1[l]
+            s2 += a2[l]
+        p1[j, c] = s1
+        p2[j, c] = s2
+    _sum_partials(p1, sum_dy)
+    _sum_partials(p2, sum_dy_xmu)
+
+
+@njit(parallel=True, **_OPTS)
+def grad_input_rows(dy, x, rows_per_task, mean, k_dy, mean_dy, k_x, dx):
+    """``dx = k_dy[c] * (dy - mean_dy[c]) - k_x[c] * (x - mean[c])`` on (R, C) views."""
+    R, C = x.shape
+    ntasks = (R + rows_per_task - 1) // rows_per_task
+    for k in prange(ntasks):
+        r0 = k * rows_per_task
+        r1 = min(R, r0 + rows_per_task)
+        for r in range(r0, r1):
+            for c in range(C):
+                dx[r, c] = (k_dy[c] * (np.float64(dy[r, c]) - mean_dy[c])
+                            - k_x[c] * (np.float64(x[r, c]) - mean[c]))
+
+
+@njit(parallel=True, **_OPTS)
+def grad_input_planes(dy, x, o_per, i_per, mean, k_dy, mean_dy, k_x, dx):
+    """As ``grad_input_rows`` on (O, C, I) views."""
+    O, C, I = x.shape
+    n_j = ((O + o_per - 1) // o_per) * ((I + i_per - 1) // i_per)
+    for t in prange(C * n_j):
+        c, j, o0, o1, i0, i1 = _plane_task(t, C, O, I, o_per, i_per)
+        m = mean[c]
+        a = k_dy[c]
+        md = mean_dy[c]
+        b = k_x[c]
+        for o in range(o0, o1):
+            xr = x[o, c, i0:i1]
+            gr = dy[o, c, i0:i1]
+            dr = dx[o, c, i0:i1]
+            for i in range(xr.size):
+                dr[i] = a * (np.float64(gr[i]) - md) - b * (np.float64(xr[i]) - m)

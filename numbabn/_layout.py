@@ -1,0 +1,92 @@
+"""Map an N-d array and its channel axis onto the two kernel layouts, without copies.
+
+Statistics are taken over every axis but the channel axis, so the order in which the
+other axes are walked does not matter. ``Layout`` therefore walks the array in its own
+memory order: axes sorted by decreasing stride, then merged into ``outer`` (before the
+channel axis in that order) and ``inner`` (after it). A C-ordered NHWC array becomes
+rows ``(N*H*W, C)``, NCHW becomes planes ``(N, C, H*W)``, and a Fortran-ordered (N, C)
+array becomes planes ``(1, C, N)``: all views. Every array of one call (x, dy, out) is
+viewed through the same ``Layout`` so that the same index means the same element.
+
+Only arrays whose axes cannot be merged into one strided axis (for example
+``x[:, :, ::2]``) are copied, once, to a contiguous array.
+"""
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from . import config
+
+
+class Layout(NamedTuple):
+    perm: tuple      # axis order of the walk (decreasing strides of the reference array)
+    outer: int
+    channels: int
+    inner: int
+
+    @property
+    def is_rows(self):
+        return self.inner == 1
+
+    @property
+    def count(self):
+        """Elements per channel."""
+        return self.outer * self.inner
+
+    def plan(self):
+        """Task sizes, from the shape alone (see ``config``): the key to determinism."""
+        if self.is_rows:
+            rows = max(-(-self.outer // config.MAX_CHUNKS),
+                       config.CHUNK_ELEMENTS // max(self.channels, 1), 1)
+            return (rows,)
+        if self.inner >= config.CHUNK_ELEMENTS:
+            return (1, config.CHUNK_ELEMENTS)
+        o_per = max(config.CHUNK_ELEMENTS // self.inner,
+                    -(-self.outer // config.MAX_CHUNKS), 1)
+        return (o_per, self.inner)
+
+
+def layout_of(x, axis):
+    """The walk of ``x`` (channel axis ``axis``, already normalized) in memory order."""
+    perm = tuple(sorted(range(x.ndim), key=lambda a: -abs(x.strides[a])))
+    p = perm.index(axis)
+    shape = [x.shape[a] for a in perm]
+    return Layout(perm, math.prod(shape[:p]), x.shape[axis], math.prod(shape[p + 1:]))
+
+
+def blocks(a, layout):
+    """A view of ``a`` in ``layout``: 2-D rows or 3-D planes; ``None`` if that needs a copy."""
+    shape3 = (layout.outer, layout.channels, layout.inner)
+    try:
+        v = np.reshape(a.transpose(layout.perm), shape3, copy=False)
+    except ValueError:
+        return None
+    return v[:, :, 0] if layout.is_rows else v
+
+
+def input_blocks(a, layout):
+    """``blocks`` of an input, copying it into the layout's order if it must."""
+    v = blocks(a, layout)
+    if v is None:
+        v = blocks(np.ascontiguousarray(a.transpose(layout.perm)).transpose(
+            np.argsort(layout.perm)), layout)
+    return v
+
+
+def empty_like_layout(shape, dtype, layout):
+    """A new array of logical ``shape`` whose memory follows ``layout`` (so ``blocks`` is a view)."""
+    walk = np.empty([shape[a] for a in layout.perm], dtype=dtype)
+    return walk.transpose(np.argsort(layout.perm))
+
+
+def prepare(x, axis):
+    """Layout of ``x`` and its blocks view; copies only unmergeable strided inputs."""
+    layout = layout_of(x, axis)
+    v = blocks(x, layout)
+    if v is None:
+        x = np.ascontiguousarray(x)
+        layout = layout_of(x, axis)
+        v = blocks(x, layout)
+    return layout, v

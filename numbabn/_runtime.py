@@ -1,0 +1,103 @@
+"""Threading safety of the parallel kernels, and the configuration report.
+
+Numba's ``workqueue`` threading layer aborts the interpreter when two threads enter a
+parallel region at once, and TensorFlow calls numbabn from its own thread pools. The
+``tbb`` and ``omp`` layers are thread-safe, and Numba picks them first when they load
+(tbb, then omp, then workqueue). So numbabn runs its kernels freely under tbb or omp
+and serializes them with a process-wide lock under workqueue, telling the user once.
+The first parallel call always runs under the lock, since the layer is only known
+after Numba has started it.
+"""
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+
+import numba
+
+_lock = threading.Lock()
+_layer = None
+_THREAD_SAFE = ("tbb", "omp")
+
+
+@contextlib.contextmanager
+def parallel_region():
+    """Enter a parallel kernel safely for the active threading layer."""
+    global _layer
+    if _layer in _THREAD_SAFE:
+        yield
+        return
+    with _lock:
+        yield
+        if _layer is None:
+            _layer = numba.threading_layer()
+            if _layer not in _THREAD_SAFE:
+                warnings.warn(
+                    f"numbabn: Numba's '{_layer}' threading layer is not thread-safe, so "
+                    "numbabn runs one kernel at a time in this process. Install tbb "
+                    "(pip install tbb) or make OpenMP available for concurrent calls; "
+                    "see numbabn.show_config().", RuntimeWarning, stacklevel=4)
+
+
+def threading_layer():
+    """The active Numba threading layer, or ``None`` before the first parallel call."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return None
+
+
+def loadable_threading_layers():
+    """The threading layers that can be loaded in this process, in Numba's order."""
+    found = []
+    for name, module in (("tbb", "tbbpool"), ("omp", "omppool"), ("workqueue", "workqueue")):
+        try:
+            importlib.import_module(f"numba.np.ufunc.{module}")
+        except ImportError:
+            continue
+        found.append(name)
+    return found
+
+
+def cache_dir():
+    """Where Numba caches the compiled kernels."""
+    if numba.config.CACHE_DIR:
+        return numba.config.CACHE_DIR
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+
+
+def cuda_status():
+    try:
+        from numba import cuda
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        return f"not available ({exc})"
+    try:
+        if cuda.is_available():
+            return f"available: {cuda.get_current_device().name.decode()}"
+    except Exception as exc:  # noqa: BLE001 - any driver error means "no"
+        return f"not available ({exc})"
+    return "not available (no CUDA driver or device)"
+
+
+def config_lines():
+    from . import __version__
+    import numpy as np
+
+    layer = threading_layer()
+    if layer is None:
+        layer_text = ("not started yet; the first kernel call picks the first of "
+                      f"{loadable_threading_layers()} (Numba's order: tbb, omp, workqueue)")
+    else:
+        safety = ("thread-safe: concurrent calls run in parallel" if layer in _THREAD_SAFE
+                  else "not thread-safe: numbabn serializes its kernel calls")
+        layer_text = f"{layer} ({safety})"
+    return [
+        f"numbabn {__version__} (numba {numba.__version__}, numpy {np.__version__})",
+        f"threading layer: {layer_text}",
+        f"threads: {numba.get_num_threads()} of {numba.config.NUMBA_NUM_THREADS} "
+        "(numba.set_num_threads / NUMBA_NUM_THREADS; results do not depend on it)",
+        f"kernel cache: {cache_dir()}",
+        f"CUDA: {cuda_status()}",
+    ]

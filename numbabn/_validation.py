@@ -1,0 +1,137 @@
+"""Argument checks of the public API, shared by every backend.
+
+Each check raises before any kernel runs, with a message that names the argument, what
+was expected and what was given: ``TypeError`` for a wrong kind or dtype, ``ValueError``
+for a wrong value or shape.
+"""
+
+import math
+import numbers
+import operator
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _dtype_error(name, dtype):
+    return TypeError(f"{name} must be a floating-point array (float16, float32 or "
+                     f"float64); got dtype {dtype}")
+
+
+def float_array(a, name):
+    """``a`` as an ndarray of a supported float dtype (no copy for ndarrays)."""
+    if a is None:
+        raise TypeError(f"{name} must be an array, not None")
+    arr = np.asarray(a)
+    if arr.dtype not in FLOAT_DTYPES:
+        raise _dtype_error(name, arr.dtype)
+    return arr
+
+
+def batch_input(x, axis, name="x"):
+    """Check the batch array and its channel axis; return ``(x, axis)`` with axis >= 0."""
+    x = float_array(x, name)
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (a batch axis and a "
+                         f"channel axis); got shape {x.shape}")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer; got {axis!r}") from None
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for {name} with {x.ndim} "
+                         f"dimensions (shape {x.shape}); expected -{x.ndim} <= axis < {x.ndim}")
+    axis %= x.ndim
+    if x.shape[axis] == 0:
+        raise ValueError(f"{name} has no channels: shape {x.shape}, axis {axis}")
+    if x.size == 0:
+        raise ValueError(f"empty batch: {name} has shape {x.shape}, so each of its "
+                         f"{x.shape[axis]} channels (axis {axis}) has no elements")
+    return x, axis
+
+
+def channel_vector(v, name, channels, optional=False):
+    """A per-channel vector of shape ``(channels,)`` as float64, or ``None`` if allowed."""
+    if v is None and optional:
+        return None
+    arr = float_array(v, name)
+    if arr.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), one value per channel "
+                         f"of x; got shape {arr.shape}")
+    return arr.astype(np.float64, copy=False)
+
+
+def same_as_x(a, x, name):
+    """An array that must match ``x`` in shape and dtype (``dy``)."""
+    a = float_array(a, name)
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}); got {a.dtype}")
+    if a.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of x {x.shape}; got {a.shape}")
+    return a
+
+
+def out_array(out, shape, dtype, inputs, name="out"):
+    """Check a caller's output array; it may be an input itself, but not overlap one partly."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray; got {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}; got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    for a in inputs:
+        if np.may_share_memory(out, a) and not _same_view(out, a):
+            raise ValueError(f"{name} overlaps an input without being the same array; "
+                             f"pass the input itself for an in-place update, or a separate array")
+    return out
+
+
+def _same_view(a, b):
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.strides == b.strides and a.shape == b.shape)
+
+
+def positive_float(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    return float(value)
+
+
+def momentum_value(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"momentum must be a real number; got {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1]; got {value!r}")
+    return float(value)
+
+
+def batch_stats(stats, channels, name="stats"):
+    """(mean, invstd) as float64 from a ``BatchStats`` (or any object with those fields)."""
+    try:
+        mean, invstd = stats.mean, stats.invstd
+    except AttributeError:
+        raise TypeError(f"{name} must be the BatchStats returned by batch_norm_train; "
+                        f"got {type(stats).__name__}") from None
+    return (channel_vector(mean, f"{name}.mean", channels),
+            channel_vector(invstd, f"{name}.invstd", channels))
+
+
+def moving_array(a, name, channels):
+    """A moving statistic updated in place: a writeable float ndarray of shape (channels,)."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place); "
+                        f"got {type(a).__name__}")
+    float_array(a, name)
+    if a.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) like the batch "
+                         f"statistics; got {a.shape}")
+    if not a.flags.writeable:
+        raise ValueError(f"{name} is read-only; it is updated in place")
+    return a

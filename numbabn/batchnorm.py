@@ -1,0 +1,265 @@
+"""The public batch-normalization functions (NumPy arrays in, NumPy arrays out)."""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _cpu as backend
+from . import _validation as check
+
+
+class BatchStats(NamedTuple):
+    """Per-channel statistics of one batch, as returned by `batch_norm_train`.
+
+    Attributes
+    ----------
+    mean : ndarray, shape (C,), float64
+        Batch mean of each channel.
+    var : ndarray, shape (C,), float64
+        Biased batch variance (divided by the element count, as Keras and the paper use
+        for normalization and for the moving variance).
+    invstd : ndarray, shape (C,), float64
+        ``1 / sqrt(var + eps)``, the factor the forward pass used; `batch_norm_backward`
+        needs it.
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
+    invstd: np.ndarray
+
+
+def _kernel_dtype(a):
+    """float16 is computed in float32 (one converted copy); float32/64 natively."""
+    return a.astype(np.float32) if a.dtype == np.float16 else a
+
+
+def _to_output(y, dtype, out):
+    """Return a float32 result of a float16 call as float16, into ``out`` if given."""
+    if y.dtype == dtype:
+        return y
+    if out is None:
+        return y.astype(dtype)
+    np.copyto(out, y, casting="same_kind")
+    return out
+
+
+def _direct_out(out, x):
+    """``out`` can take the kernel's result directly unless a float16 cast is needed."""
+    return out if x.dtype != np.float16 else None
+
+
+def batch_norm_train(x, gamma=None, beta=None, axis=-1, eps=1e-3, *, out=None):
+    """Normalize ``x`` with its own batch statistics (training mode).
+
+    ``y = (x - mean) / sqrt(var + eps) * gamma + beta``, with ``mean`` and ``var`` taken
+    per channel over every axis but ``axis``.
+
+    Parameters
+    ----------
+    x : ndarray, float16, float32 or float64, at least 2-D
+        The batch: (N, C) for a dense layer, (N, H, W, C) with ``axis=-1`` or
+        (N, C, H, W) with ``axis=1`` for conv feature maps; any rank and memory order.
+    gamma, beta : ndarray of shape (C,) or None
+        Scale and offset. ``None`` means no scale (1) or no offset (0), like Keras's
+        ``scale=False`` / ``center=False``.
+    axis : int, default -1
+        The channel axis; negative values count from the end.
+    eps : float, default 1e-3
+        Added to the variance before the square root (Keras's default); must be > 0.
+    out : ndarray, optional
+        Array of ``x``'s shape and dtype to write ``y`` into (``x`` itself is allowed).
+
+    Returns
+    -------
+    y : ndarray
+        Same shape and dtype as ``x``.
+    stats : BatchStats
+        ``(mean, var, invstd)``, float64 arrays of shape (C,); pass them to
+        `batch_norm_backward` and `update_moving_stats`.
+
+    Raises
+    ------
+    TypeError
+        A non-float dtype or a mismatched ``out`` dtype.
+    ValueError
+        Fewer than 2 dimensions, ``axis`` out of range, an empty batch, ``gamma``/``beta``
+        of the wrong length, ``eps <= 0`` or a mismatched ``out`` shape.
+
+    Notes
+    -----
+    One pass over ``x`` for the statistics, one for the output. The statistics use
+    shifted sums in float64: the batch is split into tasks by its shape alone, each task
+    sums ``x - K`` and ``(x - K)**2`` with ``K`` its first element, and the per-task
+    (count, mean, M2) merge in order with Chan's formula. The shift makes the result
+    independent of the mean's size (float32 data 1e4 + N(0, 1) get their variance to
+    float64 accuracy, where ``E[x**2] - E[x]**2`` would lose every digit), the fixed split
+    makes it bitwise independent of the thread count, and a constant channel gets
+    exactly its value as mean and 0 as variance, so it normalizes to exactly ``beta``.
+    NaN or Inf in a channel make that channel's outputs NaN and no other.
+
+    Examples
+    --------
+    >>> import numpy as np, numbabn as nbn
+    >>> x = np.random.default_rng(0).normal(5.0, 2.0, size=(256, 8)).astype(np.float32)
+    >>> y, stats = nbn.batch_norm_train(x, np.ones(8), np.zeros(8))
+    >>> bool(abs(y.mean(axis=0)).max() < 1e-5), stats.mean.shape
+    (True, (8,))
+    """
+    x, axis = check.batch_input(x, axis)
+    channels = x.shape[axis]
+    gamma = check.channel_vector(gamma, "gamma", channels, optional=True)
+    beta = check.channel_vector(beta, "beta", channels, optional=True)
+    eps = check.positive_float(eps, "eps")
+    out = check.out_array(out, x.shape, x.dtype, [x])
+
+    xk = _kernel_dtype(x)
+    mean, var = backend.channel_stats(xk, axis)
+    invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd if gamma is None else invstd * gamma
+    offset = np.zeros(channels) if beta is None else beta
+    y = backend.affine(xk, axis, mean, scale, offset, _direct_out(out, x))
+    return _to_output(y, x.dtype, out), BatchStats(mean, var, invstd)
+
+
+def batch_norm_inference(x, gamma, beta, moving_mean, moving_var, axis=-1, eps=1e-3, *,
+                         out=None):
+    """Normalize ``x`` with moving statistics (inference mode).
+
+    ``y = (x - moving_mean) / sqrt(moving_var + eps) * gamma + beta``, one pass over ``x``.
+
+    Parameters
+    ----------
+    x : ndarray
+        As in `batch_norm_train`.
+    gamma, beta : ndarray of shape (C,) or None
+        Scale and offset (``None``: 1 and 0).
+    moving_mean, moving_var : ndarray of shape (C,)
+        The statistics to normalize with; ``moving_var`` must be non-negative.
+    axis : int, default -1
+        The channel axis.
+    eps : float, default 1e-3
+        Added to ``moving_var``; must be > 0.
+    out : ndarray, optional
+        Array of ``x``'s shape and dtype to write into (``x`` itself is allowed).
+
+    Returns
+    -------
+    y : ndarray
+        Same shape and dtype as ``x``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As `batch_norm_train`; also for moving statistics of the wrong length or a
+        negative ``moving_var``.
+    """
+    x, axis = check.batch_input(x, axis)
+    channels = x.shape[axis]
+    gamma = check.channel_vector(gamma, "gamma", channels, optional=True)
+    beta = check.channel_vector(beta, "beta", channels, optional=True)
+    moving_mean = check.channel_vector(moving_mean, "moving_mean", channels)
+    moving_var = check.channel_vector(moving_var, "moving_var", channels)
+    if np.any(moving_var < 0):
+        raise ValueError(f"moving_var must be non-negative; got minimum {moving_var.min()}")
+    eps = check.positive_float(eps, "eps")
+    out = check.out_array(out, x.shape, x.dtype, [x])
+
+    invstd = 1.0 / np.sqrt(moving_var + eps)
+    scale = invstd if gamma is None else invstd * gamma
+    offset = np.zeros(channels) if beta is None else beta
+    xk = _kernel_dtype(x)
+    y = backend.affine(xk, axis, moving_mean, scale, offset, _direct_out(out, x))
+    return _to_output(y, x.dtype, out)
+
+
+def batch_norm_backward(dy, x, gamma, stats, axis=-1, *, out=None):
+    """Gradients of `batch_norm_train` with respect to ``x``, ``gamma`` and ``beta``.
+
+    Closed form, with ``xhat = (x - mean) * invstd`` recomputed from ``stats`` (nothing of
+    the size of ``x`` is saved by the forward pass)::
+
+        dbeta  = sum(dy)
+        dgamma = sum(dy * xhat)
+        dx     = gamma * invstd * (dy - dbeta / n - xhat * dgamma / n)
+
+    where sums run over the ``n`` elements of each channel.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient of the loss with respect to the forward output; shape and dtype of ``x``.
+    x : ndarray
+        The forward input.
+    gamma : ndarray of shape (C,) or None
+        The scale used in the forward pass (``None``: 1).
+    stats : BatchStats
+        The statistics `batch_norm_train` returned for ``x``.
+    axis : int, default -1
+        The channel axis used in the forward pass.
+    out : ndarray, optional
+        Array of ``x``'s shape and dtype to write ``dx`` into (``dy`` itself is allowed).
+
+    Returns
+    -------
+    dx : ndarray
+        Same shape and dtype as ``x``.
+    dgamma, dbeta : ndarray of shape (C,), float64
+        Returned whether or not the layer has a scale and an offset.
+
+    Notes
+    -----
+    Two passes over ``dy`` and ``x``: one computes ``sum(dy)`` and ``sum(dy * (x - mean))``
+    per channel in float64 (fixed task split, partial sums added in task order, so the
+    result is bitwise independent of the thread count), one writes ``dx``.
+    """
+    x, axis = check.batch_input(x, axis)
+    dy = check.same_as_x(dy, x, "dy")
+    channels = x.shape[axis]
+    gamma = check.channel_vector(gamma, "gamma", channels, optional=True)
+    mean, invstd = check.batch_stats(stats, channels)
+    out = check.out_array(out, x.shape, x.dtype, [x, dy])
+
+    xk, dyk = _kernel_dtype(x), _kernel_dtype(dy)
+    n = x.size // channels
+    sum_dy, sum_dy_xmu = backend.grad_sums(dyk, xk, axis, mean)
+    dgamma = sum_dy_xmu * invstd
+    k_dy = invstd if gamma is None else invstd * gamma
+    k_x = k_dy * invstd * dgamma / n
+    dx = backend.grad_input(dyk, xk, axis, mean, k_dy, sum_dy / n, k_x, _direct_out(out, x))
+    return _to_output(dx, x.dtype, out), dgamma, sum_dy
+
+
+def update_moving_stats(moving_mean, moving_var, stats, momentum=0.99):
+    """Fold one batch's statistics into the moving statistics, in place.
+
+    Keras's convention: ``moving = moving * momentum + batch * (1 - momentum)``, with the
+    biased batch variance (``stats.var``). (PyTorch's ``momentum`` is ``1 - momentum``
+    here, and it folds the unbiased variance.)
+
+    Parameters
+    ----------
+    moving_mean, moving_var : ndarray of shape (C,)
+        Float arrays updated in place; start them at zeros and ones.
+    stats : BatchStats
+        From `batch_norm_train`.
+    momentum : float in [0, 1], default 0.99
+
+    Returns
+    -------
+    moving_mean, moving_var : ndarray
+        The same arrays, updated.
+    """
+    momentum = check.momentum_value(momentum)
+    try:
+        channels = len(stats.mean)
+    except (AttributeError, TypeError):
+        raise TypeError("stats must be the BatchStats returned by batch_norm_train; "
+                        f"got {type(stats).__name__}") from None
+    check.moving_array(moving_mean, "moving_mean", channels)
+    check.moving_array(moving_var, "moving_var", channels)
+    batch_mean = check.channel_vector(stats.mean, "stats.mean", channels)
+    batch_var = check.channel_vector(stats.var, "stats.var", channels)
+    # float64 arithmetic, one rounding to the arrays' dtype at the store
+    moving_mean[...] = moving_mean * momentum + batch_mean * (1.0 - momentum)
+    moving_var[...] = moving_var * momentum + batch_var * (1.0 - momentum)
+    return moving_mean, moving_var
