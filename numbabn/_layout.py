@@ -50,7 +50,10 @@ class Layout(NamedTuple):
 
 def layout_of(x, axis):
     """The walk of ``x`` (channel axis ``axis``, already normalized) in memory order."""
-    perm = tuple(sorted(range(x.ndim), key=lambda a: -abs(x.strides[a])))
+    if x.flags.c_contiguous:  # the common case, without the sort
+        perm = tuple(range(x.ndim))
+    else:
+        perm = tuple(sorted(range(x.ndim), key=lambda a: -abs(x.strides[a])))
     p = perm.index(axis)
     shape = [x.shape[a] for a in perm]
     return Layout(perm, math.prod(shape[:p]), x.shape[axis], math.prod(shape[p + 1:]))
@@ -59,10 +62,13 @@ def layout_of(x, axis):
 def blocks(a, layout):
     """A view of ``a`` in ``layout``: 2-D rows or 3-D planes; ``None`` if that needs a copy."""
     shape3 = (layout.outer, layout.channels, layout.inner)
-    try:
-        v = np.reshape(a.transpose(layout.perm), shape3, copy=False)
-    except ValueError:
-        return None
+    if a.flags.c_contiguous and layout.perm == tuple(range(a.ndim)):
+        v = a.reshape(shape3)  # always a view
+    else:
+        try:
+            v = np.reshape(a.transpose(layout.perm), shape3, copy=False)
+        except ValueError:
+            return None
     return v[:, :, 0] if layout.is_rows else v
 
 

@@ -1,4 +1,4 @@
-"""Threading safety of the parallel kernels, and the configuration report.
+"""Threading of the parallel kernels (safety, thread count, waiting), and the config report.
 
 Numba's ``workqueue`` threading layer aborts the interpreter when two threads enter a
 parallel region at once, and TensorFlow calls numbabn from its own thread pools. The
@@ -7,6 +7,16 @@ parallel region at once, and TensorFlow calls numbabn from its own thread pools.
 and serializes them with a process-wide lock under workqueue, telling the user once.
 The first parallel call always runs under the lock, since the layer is only known
 after Numba has started it.
+
+Small inputs run on the calling thread alone (``config.SERIAL_BELOW``): waking a second
+thread costs more than it saves there. The thread count never changes a result (the work
+split comes from the shape), only the time.
+
+OpenMP threads that spin after a kernel steal the cores TensorFlow or BLAS need next (a
+1.5x slowdown of the next TensorFlow op, and 100x slower small calls when scikit-learn's
+or OpenBLAS's pools spin too, measured here on 2 cores). So unless the user chose
+otherwise, numbabn sets ``OMP_WAIT_POLICY=PASSIVE`` at import, before Numba loads its
+OpenMP runtime; it cannot take effect if OpenMP was already loaded by another library.
 """
 
 import contextlib
@@ -15,7 +25,11 @@ import os
 import threading
 import warnings
 
-import numba
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402 - after the environment default above
+
+from . import config  # noqa: E402
 
 _lock = threading.Lock()
 _layer = None
@@ -23,13 +37,27 @@ _THREAD_SAFE = ("tbb", "omp")
 
 
 @contextlib.contextmanager
-def parallel_region():
-    """Enter a parallel kernel safely for the active threading layer."""
-    global _layer
-    if _layer in _THREAD_SAFE:
+def _threads_for(size):
+    if size >= config.SERIAL_BELOW:
         yield
         return
-    with _lock:
+    previous = numba.get_num_threads()  # per calling thread in Numba
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def parallel_region(size):
+    """Enter a parallel kernel over ``size`` elements safely for the threading layer."""
+    global _layer
+    if _layer in _THREAD_SAFE:
+        with _threads_for(size):
+            yield
+        return
+    with _lock, _threads_for(size):
         yield
         if _layer is None:
             _layer = numba.threading_layer()
@@ -95,9 +123,11 @@ def config_lines():
         layer_text = f"{layer} ({safety})"
     return [
         f"numbabn {__version__} (numba {numba.__version__}, numpy {np.__version__})",
+        f"OMP_WAIT_POLICY: {os.environ.get('OMP_WAIT_POLICY')}",
         f"threading layer: {layer_text}",
         f"threads: {numba.get_num_threads()} of {numba.config.NUMBA_NUM_THREADS} "
-        "(numba.set_num_threads / NUMBA_NUM_THREADS; results do not depend on it)",
+        "(numba.set_num_threads / NUMBA_NUM_THREADS; results do not depend on it); "
+        f"inputs under {config.SERIAL_BELOW} elements run on 1 thread",
         f"kernel cache: {cache_dir()}",
         f"CUDA: {cuda_status()}",
     ]

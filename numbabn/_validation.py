@@ -85,7 +85,7 @@ def out_array(out, shape, dtype, inputs, name="out"):
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
     for a in inputs:
-        if np.may_share_memory(out, a) and not _same_view(out, a):
+        if out is not a and np.may_share_memory(out, a) and not _same_view(out, a):
             raise ValueError(f"{name} overlaps an input without being the same array; "
                              f"pass the input itself for an in-place update, or a separate array")
     return out

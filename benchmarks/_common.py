@@ -1,0 +1,311 @@
+"""Helpers shared by the asv suite and ``report.py``: inputs, checks, timing, floors.
+
+asv imports every module of this package while it discovers benchmarks, so nothing here
+may be named ``time_*``, ``track_*``, ``peakmem_*`` or ``mem_*``.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import timeit
+
+# Must precede the first import of Numba or TensorFlow: OpenMP threads left spinning
+# after a parallel kernel slow the other library's next operation (TF's fused BN ran
+# ~1.4x slower with OMP_WAIT_POLICY=ACTIVE on the 2-core machine these were tuned on).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+import numbabn as nbn  # noqa: E402
+from numbabn import _cpu  # noqa: E402
+
+EPS = 1e-3
+
+#: name -> (shape, channel axis, dtype). "nhwc"/"nchw" are ResNet-50's conv2 activation
+#: at batch 64 in both layouts (51 MB in float32); the small ones stay in cache.
+CASES = {
+    "nhwc": ((64, 56, 56, 64), 3, np.float32),
+    "nchw": ((64, 64, 56, 56), 1, np.float32),
+    "small": ((32, 8, 8, 16), 3, np.float32),
+    "small-f64": ((32, 8, 8, 16), 3, np.float64),
+}
+
+#: Traffic of each operation in units of ``x.nbytes``: train reads x twice (statistics,
+#: then normalize) and writes y; backward reads dy and x twice (sums, then dx) and
+#: writes dx; inference reads x and writes y; the statistics read x once.
+BYTES_MOVED = {"train": 3, "inference": 2, "backward": 5, "stats": 1, "copy": 2}
+
+_inputs = {}
+_references = {}
+
+
+def make_inputs(shape, axis, dtype):
+    """Seeded standard-normal inputs, built once per (shape, axis, dtype) and cached."""
+    key = (tuple(shape), axis, np.dtype(dtype).str)
+    if key not in _inputs:
+        rng = np.random.default_rng(20240601)
+        c = shape[axis]
+        _inputs[key] = dict(
+            x=rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False),
+            dy=rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False),
+            gamma=rng.uniform(0.5, 1.5, c), beta=rng.standard_normal(c),
+            moving_mean=0.1 * rng.standard_normal(c), moving_var=rng.uniform(0.5, 1.5, c),
+            axis=axis)
+    return _inputs[key]
+
+
+class Reference:
+    """float64 NumPy results for ``inp``, computed one batch slab (axis 0) at a time.
+
+    Slabs keep the reference's memory small, so a checked setup does not dominate the
+    process's peak memory (asv's ``peakmem_*`` report the whole process's high-water
+    mark). Per-channel results are attributes; full-size ones come per slab.
+    """
+
+    def __init__(self, inp):
+        x, axis = inp["x"], inp["axis"]
+        if axis == 0:
+            raise ValueError("the reference slices the batch along axis 0")
+        self.inp, self.red = inp, tuple(a for a in range(x.ndim) if a != axis)
+        step = max(1, x.shape[0] // 32)  # float64 temporaries of ~1/32 of x each
+        self.slabs = [slice(i, i + step) for i in range(0, x.shape[0], step)]
+        self.n = n = x.size // x.shape[axis]
+        self.mean = self._sum(self._x) / n
+        self.var = self._sum(lambda s: (self._x(s) - self._b(self.mean)) ** 2) / n
+        self.invstd = 1.0 / np.sqrt(self.var + EPS)
+        self.dbeta = self._sum(self._dy)
+        self.dgamma = self._sum(lambda s: self._dy(s) * self._xhat(s))
+
+    def _b(self, v):
+        """Per-channel vector ``v`` shaped to broadcast against ``x``."""
+        shape = [1] * self.inp["x"].ndim
+        shape[self.inp["axis"]] = -1
+        return np.asarray(v, dtype=np.float64).reshape(shape)
+
+    def _x(self, s):
+        return self.inp["x"][s].astype(np.float64)
+
+    def _dy(self, s):
+        return self.inp["dy"][s].astype(np.float64)
+
+    def _sum(self, fn):
+        return sum(fn(s).sum(axis=self.red) for s in self.slabs)
+
+    def _xhat(self, s):
+        return (self._x(s) - self._b(self.mean)) * self._b(self.invstd)
+
+    def y_train(self, s):
+        return self._xhat(s) * self._b(self.inp["gamma"]) + self._b(self.inp["beta"])
+
+    def y_inf(self, s):
+        inp, b = self.inp, self._b
+        return ((self._x(s) - b(inp["moving_mean"])) / np.sqrt(b(inp["moving_var"]) + EPS)
+                * b(inp["gamma"]) + b(inp["beta"]))
+
+    def dx(self, s):
+        b = self._b
+        return b(self.inp["gamma"] * self.invstd) * (
+            self._dy(s) - b(self.dbeta / self.n) - self._xhat(s) * b(self.dgamma / self.n))
+
+
+def check_close(name, got, want, tol):
+    """Raise AssertionError unless |got - want| <= tol * (1 + |want|) everywhere."""
+    got = np.asarray(got, dtype=np.float64)
+    err = np.abs(got - want) / (1.0 + np.abs(want))
+    if not np.all(np.isfinite(got)) or float(err.max(initial=0.0)) > tol:
+        raise AssertionError(f"{name}: scaled error {float(np.nanmax(err)):.3g} exceeds "
+                             f"{tol:.1g} (or non-finite output)")
+
+
+def check_full(name, got, want_fn, ref, tol):
+    """`check_close` on a full-size result, slab by slab (``want_fn(slab)``)."""
+    for s in ref.slabs:
+        check_close(name, got[s], want_fn(s), tol)
+
+
+def numbabn_ops(inp, out):
+    """Zero-argument callables running each kernel on ``inp``, writing into ``out``.
+
+    ``out=None`` gives the allocating calls. (``out`` also takes the forward output
+    computed here for the backward's statistics, to add no full-size allocation.)
+    """
+    x, dy, g, beta, axis = inp["x"], inp["dy"], inp["gamma"], inp["beta"], inp["axis"]
+    mm, mv = inp["moving_mean"], inp["moving_var"]
+    _, stats = nbn.batch_norm_train(x, g, beta, axis, EPS, out=out)
+    return {
+        "train": lambda: nbn.batch_norm_train(x, g, beta, axis, EPS, out=out),
+        "inference": lambda: nbn.batch_norm_inference(x, g, beta, mm, mv, axis, EPS,
+                                                      out=out),
+        "backward": lambda: nbn.batch_norm_backward(dy, x, g, stats, axis, out=out),
+        "stats": lambda: _cpu.channel_stats(x, axis),
+    }
+
+
+def check_numbabn(inp, ref):
+    """Run every kernel once (compiling it) and compare with the float64 reference.
+
+    Raises AssertionError on a wrong result, so a broken kernel is never timed.
+    """
+    # float32 outputs are rounded float64 results; float64 statistics are exact sums
+    # up to rounding. Errors are relative to 1 + |value| (see check_close).
+    tol = 1e-5 if inp["x"].dtype == np.float32 else 1e-10
+    ops = numbabn_ops(inp, np.empty_like(inp["x"]))
+    y, stats = ops["train"]()
+    check_full("train y", y, ref.y_train, ref, tol)
+    check_close("train mean", stats.mean, ref.mean, 1e-10)
+    check_close("train var", stats.var, ref.var, 1e-10)
+    check_full("inference y", ops["inference"](), ref.y_inf, ref, tol)
+    dx, dgamma, dbeta = ops["backward"]()
+    check_full("backward dx", dx, ref.dx, ref, tol)
+    check_close("backward dgamma", dgamma, ref.dgamma, 1e-10)
+    check_close("backward dbeta", dbeta, ref.dbeta, 1e-10)
+    mean, var = ops["stats"]()
+    check_close("stats mean", mean, ref.mean, 1e-10)
+    check_close("stats var", var, ref.var, 1e-10)
+
+
+def checked_inputs(shape, axis, dtype):
+    """Cached inputs and their `Reference`; numbabn is checked once per process."""
+    inp = make_inputs(shape, axis, dtype)
+    key = (tuple(shape), axis, np.dtype(dtype).str)
+    if key not in _references:
+        ref = Reference(inp)
+        check_numbabn(inp, ref)
+        _references[key] = ref
+    return inp, _references[key]
+
+
+def best_of(fn, repeat=10, min_seconds=0.005):
+    """timeit-style: the fastest of ``repeat`` runs, in seconds per call.
+
+    After a warm-up call, calls are looped so that one run lasts ``min_seconds`` (only
+    cache-sized inputs need it). ``timeit`` turns the garbage collector off meanwhile.
+    """
+    timer = timeit.Timer(fn)
+    fn()
+    number = max(1, int(min_seconds / max(timer.timeit(1), 1e-9)))
+    return min(timer.repeat(repeat, number)) / number
+
+
+@njit(parallel=True, cache=True)
+def _parallel_copy(src, dst):
+    for i in prange(src.size):
+        dst[i] = src[i]
+
+
+def copy_bandwidth(src, dst, repeat=10):
+    """Copy bandwidth in bytes/s on these arrays: the faster of NumPy and a Numba copy.
+
+    NumPy copies on one thread; the Numba loop runs on the kernels' threads. Counts a
+    read and a write of ``src.nbytes`` (``BYTES_MOVED["copy"]``).
+    """
+    if not (src.flags.c_contiguous and dst.flags.c_contiguous):
+        raise ValueError("copy_bandwidth needs C-contiguous arrays")
+    s, d = src.reshape(-1), dst.reshape(-1)
+    t = min(best_of(lambda: np.copyto(d, s), repeat),
+            best_of(lambda: _parallel_copy(s, d), repeat))
+    return BYTES_MOVED["copy"] * src.nbytes / t
+
+
+def floor_seconds(op, nbytes, bandwidth):
+    """The time ``op`` would take if it only moved its bytes at copy bandwidth."""
+    return BYTES_MOVED[op] * nbytes / bandwidth
+
+
+# ---------------------------------------------------------------- TensorFlow's kernel
+
+def tf_ops(inp):
+    """Callables running TF's fused BN (train, inference, backward) on ``inp``.
+
+    Raises NotImplementedError without TensorFlow. Inputs become tensors once, so only
+    the op is timed; TF allocates its outputs on every call (it has no ``out=``).
+    """
+    try:
+        import tensorflow as tf
+    except ImportError as exc:
+        raise NotImplementedError(f"tensorflow is not importable: {exc}") from None
+    axis = inp["axis"]
+    if inp["x"].ndim != 4 or axis not in (1, 3):
+        raise NotImplementedError("TF's fused BN takes 4-D NHWC or NCHW only")
+    # TF's CPU kernel accepts NCHW: it transposes to NHWC and back inside the op
+    # (fused_batch_norm_op.cc). That is what a TF user with NCHW data pays, so it is
+    # timed as is; no transpose of ours is added or subtracted.
+    fmt = "NHWC" if axis == 3 else "NCHW"
+    dt = inp["x"].dtype
+    x, dy = tf.constant(inp["x"]), tf.constant(inp["dy"])
+    g, b = (tf.constant(inp[k].astype(dt)) for k in ("gamma", "beta"))
+    mm, mv = (tf.constant(inp[k].astype(dt)) for k in ("moving_mean", "moving_var"))
+    empty = tf.constant(np.empty(0, dt))
+    fused = tf.raw_ops.FusedBatchNormV3
+
+    def train():
+        return fused(x=x, scale=g, offset=b, mean=empty, variance=empty, epsilon=EPS,
+                     data_format=fmt, is_training=True)
+
+    fwd = train()  # its reserve spaces feed the gradient op
+    return {
+        "train": train,
+        "inference": lambda: fused(x=x, scale=g, offset=b, mean=mm, variance=mv,
+                                   epsilon=EPS, data_format=fmt, is_training=False),
+        "backward": lambda: tf.raw_ops.FusedBatchNormGradV3(
+            y_backprop=dy, x=x, scale=g, reserve_space_1=fwd[3], reserve_space_2=fwd[4],
+            reserve_space_3=fwd[5], epsilon=EPS, data_format=fmt, is_training=True),
+    }
+
+
+def check_tf(ops, ref, tol=1e-3):
+    """Loose check of TF's outputs: it sums in float32, fine on standard-normal data."""
+    y = ops["train"]()
+    check_full("TF train y", y[0].numpy(), ref.y_train, ref, tol)
+    check_close("TF train mean", y[1].numpy(), ref.mean, tol)
+    check_full("TF inference y", ops["inference"]()[0].numpy(), ref.y_inf, ref, tol)
+    g = ops["backward"]()
+    check_full("TF backward dx", g[0].numpy(), ref.dx, ref, tol)
+    check_close("TF backward dgamma", g[1].numpy(), ref.dgamma, tol)
+    check_close("TF backward dbeta", g[2].numpy(), ref.dbeta, tol)
+
+
+# -------------------------------------------------------------- first-call latency
+
+_FIRST_CALL = """\
+import time
+t = time.perf_counter()
+import numpy as np, numbabn as nbn
+x = np.random.default_rng(0).standard_normal((8, 4, 4, 16), dtype=np.float32)
+y, stats = nbn.batch_norm_train(x, None, None)
+nbn.batch_norm_backward(x, x, None, stats)
+print(time.perf_counter() - t)
+"""
+
+
+def first_call_seconds(cache_dir):
+    """Seconds a new process takes to import numbabn and run its first train + backward.
+
+    Timed inside the child from before ``import numpy`` (interpreter start-up excluded);
+    covers compiling the float32 NHWC kernels, or loading them from ``cache_dir`` (the
+    child's NUMBA_CACHE_DIR). The child imports the same numbabn as this process.
+    """
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(nbn.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    res = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env,
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"first-call subprocess failed:\n{res.stderr[-3000:]}")
+    return float(res.stdout.split()[-1])
+
+
+def first_call_cold():
+    """First call with an empty kernel cache: every kernel it needs compiles."""
+    with tempfile.TemporaryDirectory(prefix="numbabn-cold-") as d:
+        return first_call_seconds(d)
+
+
+def first_call_warm(repeat=3):
+    """First call with a populated kernel cache (best of ``repeat`` processes)."""
+    with tempfile.TemporaryDirectory(prefix="numbabn-warm-") as d:
+        first_call_seconds(d)  # populate the cache
+        return min(first_call_seconds(d) for _ in range(repeat))
