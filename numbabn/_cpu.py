@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _kernels_cpu as k
 from ._layout import blocks, empty_like_layout, input_blocks, prepare
-from ._runtime import parallel_region
+from ._runtime import run_kernel
 
 
 def _output(out, x, layout):
@@ -35,8 +35,7 @@ def channel_stats(x, axis):
     mean = np.empty(layout.channels)
     var = np.empty(layout.channels)
     kernel = k.stats_rows if layout.is_rows else k.stats_planes
-    with parallel_region(x.size):
-        kernel(xv, *layout.plan(), mean, var)
+    run_kernel(kernel, x.size, xv, *layout.plan(), mean, var)
     return mean, var
 
 
@@ -45,8 +44,7 @@ def affine(x, axis, center, scale, offset, out=None):
     layout, xv = prepare(x, axis)
     y, yv, copy_to = _output(out, x, layout)
     kernel = k.affine_rows if layout.is_rows else k.affine_planes
-    with parallel_region(x.size):
-        kernel(xv, *layout.plan(), center, scale, offset, yv)
+    run_kernel(kernel, x.size, xv, *layout.plan(), center, scale, offset, yv)
     return _finish(y, copy_to)
 
 
@@ -57,8 +55,7 @@ def grad_sums(dy, x, axis, mean):
     sum_dy = np.empty(layout.channels)
     sum_dy_xmu = np.empty(layout.channels)
     kernel = k.grad_sums_rows if layout.is_rows else k.grad_sums_planes
-    with parallel_region(x.size):
-        kernel(dyv, xv, *layout.plan(), mean, sum_dy, sum_dy_xmu)
+    run_kernel(kernel, x.size, dyv, xv, *layout.plan(), mean, sum_dy, sum_dy_xmu)
     return sum_dy, sum_dy_xmu
 
 
@@ -68,6 +65,5 @@ def grad_input(dy, x, axis, mean, k_dy, mean_dy, k_x, out=None):
     dyv = input_blocks(dy, layout)
     dx, dxv, copy_to = _output(out, x, layout)
     kernel = k.grad_input_rows if layout.is_rows else k.grad_input_planes
-    with parallel_region(x.size):
-        kernel(dyv, xv, *layout.plan(), mean, k_dy, mean_dy, k_x, dxv)
+    run_kernel(kernel, x.size, dyv, xv, *layout.plan(), mean, k_dy, mean_dy, k_x, dxv)
     return _finish(dx, copy_to)

@@ -19,7 +19,6 @@ otherwise, numbabn sets ``OMP_WAIT_POLICY=PASSIVE`` at import, before Numba load
 OpenMP runtime; it cannot take effect if OpenMP was already loaded by another library.
 """
 
-import contextlib
 import importlib
 import os
 import threading
@@ -36,37 +35,41 @@ _layer = None
 _THREAD_SAFE = ("tbb", "omp")
 
 
-@contextlib.contextmanager
-def _threads_for(size):
-    if size >= config.SERIAL_BELOW:
-        yield
-        return
+def run_kernel(kernel, size, *args):
+    """Call a parallel ``kernel`` over ``size`` elements safely for the threading layer.
+
+    A plain function, not a context manager: on small inputs the Python overhead around
+    a kernel is most of its cost.
+    """
+    if _layer in _THREAD_SAFE and size >= config.SERIAL_BELOW:
+        return kernel(*args)
+    if _layer in _THREAD_SAFE:
+        return _on_one_thread(kernel, args)
+    with _lock:
+        result = _on_one_thread(kernel, args) if size < config.SERIAL_BELOW else kernel(*args)
+        if _layer is None:
+            _resolve_layer()
+    return result
+
+
+def _on_one_thread(kernel, args):
     previous = numba.get_num_threads()  # per calling thread in Numba
     numba.set_num_threads(1)
     try:
-        yield
+        return kernel(*args)
     finally:
         numba.set_num_threads(previous)
 
 
-@contextlib.contextmanager
-def parallel_region(size):
-    """Enter a parallel kernel over ``size`` elements safely for the threading layer."""
+def _resolve_layer():
     global _layer
-    if _layer in _THREAD_SAFE:
-        with _threads_for(size):
-            yield
-        return
-    with _lock, _threads_for(size):
-        yield
-        if _layer is None:
-            _layer = numba.threading_layer()
-            if _layer not in _THREAD_SAFE:
-                warnings.warn(
-                    f"numbabn: Numba's '{_layer}' threading layer is not thread-safe, so "
-                    "numbabn runs one kernel at a time in this process. Install tbb "
-                    "(pip install tbb) or make OpenMP available for concurrent calls; "
-                    "see numbabn.show_config().", RuntimeWarning, stacklevel=4)
+    _layer = numba.threading_layer()
+    if _layer not in _THREAD_SAFE:
+        warnings.warn(
+            f"numbabn: Numba's '{_layer}' threading layer is not thread-safe, so "
+            "numbabn runs one kernel at a time in this process. Install tbb "
+            "(pip install tbb) or make OpenMP available for concurrent calls; "
+            "see numbabn.show_config().", RuntimeWarning, stacklevel=4)
 
 
 def threading_layer():
