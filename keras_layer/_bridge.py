@@ -1,0 +1,159 @@
+"""TensorFlow ops that run the numbabn kernels: forward, inference and their gradients.
+
+The bridge is ``tf.numpy_function``: TensorFlow hands its CPU buffers to NumPy without a
+copy, and takes back a NumPy array without a copy when the array's data are aligned to
+64 bytes (``_aligned_empty``; TensorFlow copies anything less aligned than Eigen wants).
+Gradients are ``tf.custom_gradient`` functions whose backward runs numbabn's closed-form
+kernel; the forward saves only the per-channel mean and ``invstd`` (float64), never a
+full-size intermediate.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+import numbabn as nbn
+
+_ALIGN = 64
+
+
+def _aligned_empty(shape, dtype):
+    """An uninitialized array whose data start on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _second_order_error(*_, **__):
+    raise NotImplementedError(
+        "keras_layer.BatchNormalization: second-order gradients (a gradient of its "
+        "gradient) are not implemented; its backward pass runs a NumPy kernel that "
+        "TensorFlow cannot differentiate. Use keras.layers.BatchNormalization for "
+        "higher-order derivatives (keras_layer.convert(model, to='keras')).")
+
+
+@tf.custom_gradient
+def _first_order_only(*tensors):
+    """Identity that refuses to be differentiated: guards the numpy_function gradients."""
+    return tf.nest.map_structure(tf.identity, tensors), _second_order_error
+
+
+def _static_shape(t, like):
+    t.set_shape(like.shape)
+    return t
+
+
+def _channel_params(tensors, flags):
+    """Unpack the optional (gamma, beta) that the op received as extra inputs."""
+    it = iter(tensors)
+    return tuple(next(it) if flag else None for flag in flags)
+
+
+def train(x, gamma, beta, axis, epsilon):
+    """Batch-statistics normalization as a differentiable TensorFlow op.
+
+    Parameters
+    ----------
+    x : tf.Tensor, float16, float32 or float64
+    gamma, beta : tf.Tensor of shape (C,) (float32 or float64) or None
+    axis : int
+        Non-negative channel axis.
+    epsilon : float
+
+    Returns
+    -------
+    y : tf.Tensor like ``x``
+    mean, var : tf.Tensor, float64, shape (C,)
+        Batch statistics; not differentiable (they feed the moving averages).
+    """
+    flags = (gamma is not None, beta is not None)
+    params = [p for p in (gamma, beta) if p is not None]
+    channels = x.shape[axis]
+
+    @tf.custom_gradient
+    def op(x, *params):
+        def forward(x_np, *params_np):
+            g, b = _channel_params(params_np, flags)
+            y = _aligned_empty(x_np.shape, x_np.dtype)
+            _, stats = nbn.batch_norm_train(x_np, g, b, axis=axis, eps=epsilon, out=y)
+            return y, stats.mean, stats.var, stats.invstd
+
+        y, mean, var, invstd = tf.numpy_function(
+            forward, [x, *params], [x.dtype, tf.float64, tf.float64, tf.float64],
+            stateful=False, name="numbabn_train")
+        y = _static_shape(y, x)
+        for t in (mean, var, invstd):
+            t.set_shape([channels])
+
+        def grad(dy, *_unused):  # no gradient flows into mean/var: see stop_gradient below
+            def backward(dy_np, x_np, mean_np, invstd_np, *params_np):
+                g, _ = _channel_params(params_np, flags)
+                dx = _aligned_empty(x_np.shape, x_np.dtype)
+                stats = nbn.BatchStats(mean_np, None, invstd_np)
+                _, dgamma, dbeta = nbn.batch_norm_backward(dy_np, x_np, g, stats, axis=axis,
+                                                           out=dx)
+                outs = [dx]
+                if flags[0]:
+                    outs.append(dgamma.astype(params_np[0].dtype))
+                if flags[1]:
+                    outs.append(dbeta.astype(params_np[-1].dtype))
+                return outs
+
+            grads = tf.numpy_function(
+                backward, [dy, x, mean, invstd, *params], [x.dtype] + [p.dtype for p in params],
+                stateful=False, name="numbabn_train_grad")
+            grads[0] = _static_shape(grads[0], x)
+            for g_, p in zip(grads[1:], params):
+                g_.set_shape(p.shape)
+            return _first_order_only(*grads)
+
+        return (y, mean, var), grad
+
+    y, mean, var = op(x, *params)
+    return y, tf.stop_gradient(mean), tf.stop_gradient(var)
+
+
+def inference(x, gamma, beta, moving_mean, moving_var, axis, epsilon):
+    """Moving-statistics normalization as a differentiable TensorFlow op.
+
+    The gradient (rarely needed: fine-tuning with a frozen layer, input attributions) is
+    plain TensorFlow arithmetic: ``dx = dy * gamma / sqrt(moving_var + eps)``, and the sums
+    for gamma and beta.
+    """
+    flags = (gamma is not None, beta is not None)
+    params = [p for p in (gamma, beta) if p is not None]
+    rank = x.shape.rank
+    bshape = [1] * rank
+    bshape[axis] = -1
+    reduce_axes = [a for a in range(rank) if a != axis]
+
+    @tf.custom_gradient
+    def op(x, moving_mean, moving_var, *params):
+        def forward(x_np, mm, mv, *params_np):
+            g, b = _channel_params(params_np, flags)
+            y = _aligned_empty(x_np.shape, x_np.dtype)
+            return nbn.batch_norm_inference(x_np, g, b, mm, mv, axis=axis, eps=epsilon, out=y)
+
+        y = tf.numpy_function(forward, [x, moving_mean, moving_var, *params], x.dtype,
+                              stateful=False, name="numbabn_inference")
+        y = _static_shape(y, x)
+
+        def grad(dy):
+            invstd = tf.math.rsqrt(tf.cast(moving_var, tf.float32) + epsilon)
+            g, _ = _channel_params(params, flags)
+            scale = invstd if g is None else invstd * tf.cast(g, tf.float32)
+            dy32 = tf.cast(dy, tf.float32)
+            dx = tf.cast(dy32 * tf.reshape(scale, bshape), x.dtype)
+            grads = [dx, None, None]  # the moving statistics are not trainable
+            if flags[0]:
+                xhat = (tf.cast(x, tf.float32) - tf.reshape(tf.cast(moving_mean, tf.float32), bshape)) \
+                    * tf.reshape(invstd, bshape)
+                grads.append(tf.cast(tf.reduce_sum(dy32 * xhat, reduce_axes), params[0].dtype))
+            if flags[1]:
+                grads.append(tf.cast(tf.reduce_sum(dy32, reduce_axes), params[-1].dtype))
+            return grads
+
+        return y, grad
+
+    return op(x, moving_mean, moving_var, *params)
