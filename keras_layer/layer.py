@@ -97,12 +97,26 @@ class BatchNormalization(keras.layers.BatchNormalization):
             if self.renorm:
                 outputs = self._renorm_train(x, gamma, beta, axis)
             else:
-                outputs, mean, var = _bridge.train(x, gamma, beta, axis, self.epsilon)
+                outputs, mean, var = self._train_op(x, gamma, beta, axis)
                 self._update_moving(mean, var)
         else:
             outputs = _bridge.inference(x, gamma, beta, self.moving_mean, self.moving_variance,
                                         axis, self.epsilon)
         return ops.cast(outputs, self.compute_dtype)
+
+    def _train_op(self, x, gamma, beta, axis):
+        """Batch-statistics normalization; global statistics when synchronized."""
+        from . import _bridge
+
+        if self.synchronized:
+            import tensorflow as tf
+
+            ctx = tf.distribute.get_replica_context()
+            if ctx is not None and ctx.num_replicas_in_sync > 1:
+                from . import _sync
+
+                return _sync.train(x, gamma, beta, axis, self.epsilon, ctx)
+        return _bridge.train(x, gamma, beta, axis, self.epsilon)
 
     def _update_moving(self, mean, var):
         # Keras's rule and float32 arithmetic on the variables, fed float64 statistics
@@ -118,14 +132,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
         The statistics come from the numbabn kernels; the correction and the moving
         updates reuse Keras's own code, so the maths is the stock layer's.
         """
-        from . import _bridge
-
-        _, mean, var = _bridge.train(x, None, None, axis, self.epsilon)
+        _, mean, var = self._train_op(x, None, None, axis)
         mean = ops.cast(mean, "float32")
         var = ops.cast(var, "float32")
         r, d, mean, var = self._renorm_correction_and_moments(mean, var)
         gamma, beta = self._compose_transforms(r, d, gamma, beta, "float32")
-        outputs, _, _ = _bridge.train(x, gamma, beta, axis, self.epsilon)
+        outputs, _, _ = self._train_op(x, gamma, beta, axis)
         self._update_renorm_statistics(mean, var)
         return outputs
 
