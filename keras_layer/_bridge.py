@@ -50,6 +50,29 @@ def _channel_params(tensors, flags):
     return tuple(next(it) if flag else None for flag in flags)
 
 
+def _param_grads(dx, dgamma, dbeta, flags, params_np):
+    """[dx, dgamma?, dbeta?] in the parameters' dtypes, for the parameters the op has."""
+    outs = [dx]
+    if flags[0]:
+        outs.append(dgamma.astype(params_np[0].dtype))
+    if flags[1]:
+        outs.append(dbeta.astype(params_np[-1].dtype))
+    return outs
+
+
+def _gradient_op(backward, inputs, x, params, name):
+    """Run a NumPy ``backward`` -> (dx, dgamma?, dbeta?) as a first-order-only gradient."""
+    grads = tf.numpy_function(backward, inputs, [x.dtype] + [p.dtype for p in params],
+                              stateful=False, name=name)
+    if not isinstance(grads, (list, tuple)):  # a one-element Tout gives a bare tensor
+        grads = [grads]
+    grads = list(grads)
+    grads[0] = _static_shape(grads[0], x)
+    for g, p in zip(grads[1:], params):
+        g.set_shape(p.shape)
+    return _first_order_only(*grads)
+
+
 def train(x, gamma, beta, axis, epsilon):
     """Batch-statistics normalization as a differentiable TensorFlow op.
 
@@ -93,20 +116,10 @@ def train(x, gamma, beta, axis, epsilon):
                 stats = nbn.BatchStats(mean_np, None, invstd_np)
                 _, dgamma, dbeta = nbn.batch_norm_backward(dy_np, x_np, g, stats, axis=axis,
                                                            out=dx)
-                outs = [dx]
-                if flags[0]:
-                    outs.append(dgamma.astype(params_np[0].dtype))
-                if flags[1]:
-                    outs.append(dbeta.astype(params_np[-1].dtype))
-                return outs
+                return _param_grads(dx, dgamma, dbeta, flags, params_np)
 
-            grads = tf.numpy_function(
-                backward, [dy, x, mean, invstd, *params], [x.dtype] + [p.dtype for p in params],
-                stateful=False, name="numbabn_train_grad")
-            grads[0] = _static_shape(grads[0], x)
-            for g_, p in zip(grads[1:], params):
-                g_.set_shape(p.shape)
-            return _first_order_only(*grads)
+            return _gradient_op(backward, [dy, x, mean, invstd, *params], x, params,
+                                "numbabn_train_grad")
 
         return (y, mean, var), grad
 

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from numbabn import stages
 
-from ._bridge import _aligned_empty, _channel_params, _first_order_only, _static_shape
+from ._bridge import _aligned_empty, _channel_params, _gradient_op, _param_grads, _static_shape
 
 
 def train(x, gamma, beta, axis, epsilon, replica_context):
@@ -71,21 +71,11 @@ def train(x, gamma, beta, axis, epsilon, replica_context):
                 dx = _aligned_empty(x_np.shape, x_np.dtype)
                 stages.batch_norm_grad_input(dy_np, x_np, g, mean_np, invstd_np, total,
                                              count_np, axis=axis, out=dx)
-                outs = [dx]
-                if flags[0]:
-                    outs.append((local_np[1] * invstd_np).astype(params_np[0].dtype))
-                if flags[1]:
-                    outs.append(local_np[0].astype(params_np[-1].dtype))
-                return outs
+                return _param_grads(dx, local_np[1] * invstd_np, local_np[0], flags, params_np)
 
-            grads = tf.numpy_function(
-                backward, [dy, x, mean, invstd, count, all_sums, local_sums, *params],
-                [x.dtype] + [p.dtype for p in params], stateful=False,
-                name="numbabn_sync_grad")
-            grads[0] = _static_shape(grads[0], x)
-            for g_, p in zip(grads[1:], params):
-                g_.set_shape(p.shape)
-            return _first_order_only(*grads)
+            return _gradient_op(
+                backward, [dy, x, mean, invstd, count, all_sums, local_sums, *params], x,
+                params, "numbabn_sync_grad")
 
         return (y, mean, var), grad
 
