@@ -33,10 +33,20 @@ def _second_order_error(*_, **__):
         "higher-order derivatives (keras_layer.convert(model, to='keras')).")
 
 
-@tf.custom_gradient
-def _first_order_only(*tensors):
-    """Identity that refuses to be differentiated: guards the numpy_function gradients."""
-    return tf.nest.map_structure(tf.identity, tensors), _second_order_error
+def _first_order_only(grads, sources):
+    """``grads`` through an identity that refuses to be differentiated.
+
+    ``sources`` (the tensors the gradients were computed from, x and dy) are inputs of
+    the guard too: the numpy_function that computed ``grads`` is invisible to an outer
+    tape, so without them an eager second-order request would quietly get ``None``.
+    """
+    n = len(grads)
+
+    @tf.custom_gradient
+    def guard(*tensors):
+        return [tf.identity(t) for t in tensors[:n]], _second_order_error
+
+    return guard(*grads, *sources)
 
 
 def _static_shape(t, like):
@@ -61,7 +71,10 @@ def _param_grads(dx, dgamma, dbeta, flags, params_np):
 
 
 def _gradient_op(backward, inputs, x, params, name):
-    """Run a NumPy ``backward`` -> (dx, dgamma?, dbeta?) as a first-order-only gradient."""
+    """Run a NumPy ``backward`` -> (dx, dgamma?, dbeta?) as a first-order-only gradient.
+
+    ``inputs`` starts with ``dy, x``.
+    """
     grads = tf.numpy_function(backward, inputs, [x.dtype] + [p.dtype for p in params],
                               stateful=False, name=name)
     if not isinstance(grads, (list, tuple)):  # a one-element Tout gives a bare tensor
@@ -70,7 +83,7 @@ def _gradient_op(backward, inputs, x, params, name):
     grads[0] = _static_shape(grads[0], x)
     for g, p in zip(grads[1:], params):
         g.set_shape(p.shape)
-    return _first_order_only(*grads)
+    return _first_order_only(grads, inputs[:2])
 
 
 def train(x, gamma, beta, axis, epsilon):
@@ -146,6 +159,8 @@ def inference(x, gamma, beta, moving_mean, moving_var, axis, epsilon):
         def forward(x_np, mm, mv, *params_np):
             g, b = _channel_params(params_np, flags)
             y = _aligned_empty(x_np.shape, x_np.dtype)
+            if x_np.size == 0:  # an empty batch (no detections, say) normalizes to itself
+                return y
             return nbn.batch_norm_inference(x_np, g, b, mm, mv, axis=axis, eps=epsilon, out=y)
 
         y = tf.numpy_function(forward, [x, moving_mean, moving_var, *params], x.dtype,
@@ -153,18 +168,21 @@ def inference(x, gamma, beta, moving_mean, moving_var, axis, epsilon):
         y = _static_shape(y, x)
 
         def grad(dy):
-            invstd = tf.math.rsqrt(tf.cast(moving_var, tf.float32) + epsilon)
+            wide = tf.float64 if x.dtype == tf.float64 else tf.float32  # as the forward
+
+            def per_channel(v):
+                return tf.reshape(tf.cast(v, wide), bshape)
+
+            invstd = tf.math.rsqrt(per_channel(moving_var) + epsilon)
             g, _ = _channel_params(params, flags)
-            scale = invstd if g is None else invstd * tf.cast(g, tf.float32)
-            dy32 = tf.cast(dy, tf.float32)
-            dx = tf.cast(dy32 * tf.reshape(scale, bshape), x.dtype)
-            grads = [dx, None, None]  # the moving statistics are not trainable
+            scale = invstd if g is None else invstd * per_channel(g)
+            dyw = tf.cast(dy, wide)
+            grads = [tf.cast(dyw * scale, x.dtype), None, None]  # moving stats: not trainable
             if flags[0]:
-                xhat = (tf.cast(x, tf.float32) - tf.reshape(tf.cast(moving_mean, tf.float32), bshape)) \
-                    * tf.reshape(invstd, bshape)
-                grads.append(tf.cast(tf.reduce_sum(dy32 * xhat, reduce_axes), params[0].dtype))
+                xhat = (tf.cast(x, wide) - per_channel(moving_mean)) * invstd
+                grads.append(tf.cast(tf.reduce_sum(dyw * xhat, reduce_axes), params[0].dtype))
             if flags[1]:
-                grads.append(tf.cast(tf.reduce_sum(dy32, reduce_axes), params[-1].dtype))
+                grads.append(tf.cast(tf.reduce_sum(dyw, reduce_axes), params[-1].dtype))
             return grads
 
         return y, grad

@@ -14,10 +14,10 @@ def _is_bn(layer):
 def convert(model, to="numbabn"):
     """Return a copy of ``model`` whose BatchNormalization layers are numbabn's or Keras's.
 
-    Every ``keras.layers.BatchNormalization`` (including numbabn's subclass) becomes the
-    target class with the same config and weights; every other layer is cloned with its
-    weights unchanged. Sequential and functional models are supported (through
-    ``keras.models.clone_model``).
+    Every ``keras.layers.BatchNormalization`` (including numbabn's subclass), in nested
+    models too, becomes the target class with the same config and weights; every other
+    layer is cloned with its weights unchanged. Sequential and functional models are
+    supported (through ``keras.models.clone_model(..., recursive=True)``).
 
     Parameters
     ----------
@@ -44,6 +44,6 @@ def convert(model, to="numbabn"):
             return target.from_config(config)
         return layer.__class__.from_config(layer.get_config())
 
-    new = keras.models.clone_model(model, clone_function=clone)
+    new = keras.models.clone_model(model, clone_function=clone, recursive=True)
     new.set_weights(model.get_weights())
     return new

@@ -100,9 +100,23 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 outputs, mean, var = self._train_op(x, gamma, beta, axis)
                 self._update_moving(mean, var)
         else:
-            outputs = _bridge.inference(x, gamma, beta, self.moving_mean, self.moving_variance,
+            outputs = _bridge.inference(x, gamma, beta,
+                                        ops.cast(self.moving_mean, compute_dtype),
+                                        ops.cast(self.moving_variance, compute_dtype),
                                         axis, self.epsilon)
         return ops.cast(outputs, self.compute_dtype)
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        # TensorFlow's SavedModel writer walks every trackable object: stop it here, since
+        # the graph's numpy_function ops cannot run outside this Python process.
+        if save_type == "savedmodel":
+            raise ValueError(
+                f"Layer '{self.name}' (keras_layer.BatchNormalization) cannot be exported as "
+                "a TensorFlow SavedModel: it runs numbabn's NumPy kernels through "
+                "tf.numpy_function, which a served artifact cannot call. Export "
+                "keras_layer.convert(model, to='keras') instead: the same model with stock "
+                "BatchNormalization layers and the same weights.")
+        return super()._trackable_children(save_type, **kwargs)
 
     def _train_op(self, x, gamma, beta, axis):
         """Batch-statistics normalization; global statistics when synchronized."""
