@@ -15,8 +15,14 @@ BatchStats
 show_config
     Print the threading layer, thread count, kernel cache and CUDA availability.
 
+The four functions run CUDA kernels (numba-cuda, ``pip install 'numbabn[cuda]'``) when
+given GPU arrays: anything with ``__cuda_array_interface__`` (Numba device arrays, CuPy
+arrays, PyTorch CUDA tensors). They return Numba device arrays then.
+
 ``numbabn.compat`` holds cs231n-style wrappers (``batchnorm_forward`` and friends).
-Importing numbabn compiles nothing: kernels compile on first use and are cached on disk.
+Importing numbabn compiles nothing: kernels compile on first use and are cached on disk
+(the CPU kernels; CUDA kernels compile once per process). ``numba.cuda`` is imported only
+when a GPU array is first seen.
 """
 
 from .batchnorm import (

@@ -1,8 +1,9 @@
 """CPU backend: picks the kernel for the layout, allocates outputs, runs it safely.
 
-Inputs arrive validated and in a kernel dtype (float32 or float64); per-channel vectors
-are float64. Outputs are written into ``out`` when given (through a view when its memory
-order allows, else through one temporary) or into a new array laid out like ``x``.
+Inputs arrive validated and in a kernel dtype (float32 or float64: batchnorm.py converts
+float16, see ``NATIVE_FLOAT16``); per-channel vectors are float64. Outputs are written
+into ``out`` when given (through a view when its memory order allows, else through one
+temporary) or into a new array laid out like ``x``.
 """
 
 import numpy as np
@@ -10,6 +11,9 @@ import numpy as np
 from . import _kernels_cpu as k
 from ._layout import blocks, empty_like_layout, input_blocks, prepare
 from ._runtime import run_kernel
+
+#: float16 is computed in float32: batchnorm.py converts it (one copy) and back.
+NATIVE_FLOAT16 = False
 
 
 def _output(out, x, layout):
@@ -67,3 +71,30 @@ def grad_input(dy, x, axis, mean, k_dy, mean_dy, k_x, out=None):
     kernel = k.grad_input_rows if layout.is_rows else k.grad_input_planes
     run_kernel(kernel, x.size, dyv, xv, *layout.plan(), mean, k_dy, mean_dy, k_x, dxv)
     return _finish(dx, copy_to)
+
+
+# ---------------------------------------------------------------- per-channel maths
+# NumPy on C values. The CUDA backend computes the same formulas in a kernel, so that
+# per-channel results stay on the GPU there.
+
+def norm_coeffs(var, eps, gamma, beta):
+    """``invstd = 1 / sqrt(var + eps)``, ``scale = invstd * gamma``, ``offset = beta``
+    (``gamma``/``beta`` None: 1 and 0)."""
+    invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd if gamma is None else invstd * gamma
+    offset = np.zeros(len(var)) if beta is None else beta
+    return invstd, scale, offset
+
+
+def grad_coeffs(sum_dy, sum_dy_xmu, invstd, gamma, n):
+    """``(dgamma, k_dy, mean_dy, k_x)``: the per-channel factors of the closed-form
+    backward over ``n`` elements per channel (see ``batch_norm_backward``)."""
+    dgamma = sum_dy_xmu * invstd
+    k_dy = invstd if gamma is None else invstd * gamma
+    k_x = k_dy * invstd * dgamma / n
+    return dgamma, k_dy, sum_dy / n, k_x
+
+
+def update_moving(moving, batch, momentum):
+    """``moving = moving * momentum + batch * (1 - momentum)``, in place."""
+    moving[...] = moving * momentum + batch * (1.0 - momentum)

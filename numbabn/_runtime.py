@@ -20,6 +20,7 @@ OpenMP runtime; it cannot take effect if OpenMP was already loaded by another li
 """
 
 import importlib
+import importlib.util
 import os
 import threading
 import warnings
@@ -100,13 +101,19 @@ def cache_dir():
 
 
 def cuda_status():
+    """Whether GPU arrays can run here (numba-cuda, a driver and a device, or the simulator)."""
+    if importlib.util.find_spec("numba_cuda") is None:
+        return "not available (numba-cuda is not installed: pip install 'numbabn[cuda]')"
     try:
         from numba import cuda
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        return f"not available ({exc})"
-    try:
+
+        from ._device import simulated
+
+        if simulated():
+            return "available: the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"
         if cuda.is_available():
-            return f"available: {cuda.get_current_device().name.decode()}"
+            name = cuda.get_current_device().name
+            return f"available: {name.decode() if isinstance(name, bytes) else name}"
     except Exception as exc:  # noqa: BLE001 - any driver error means "no"
         return f"not available ({exc})"
     return "not available (no CUDA driver or device)"

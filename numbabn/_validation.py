@@ -3,6 +3,12 @@
 Each check raises before any kernel runs, with a message that names the argument, what
 was expected and what was given: ``TypeError`` for a wrong kind or dtype, ``ValueError``
 for a wrong value or shape.
+
+GPU arrays (``_device.is_device_array``) go through the same checks: they have
+``shape``, ``dtype`` and ``strides``, and are never turned into NumPy arrays here (that
+would copy them to the host). Which backend runs is decided before these checks, by
+where the full-size arrays live (``batchnorm._backend``); a per-channel GPU vector with
+host data is a ``TypeError`` here, since numbabn never moves GPU data to the host.
 """
 
 import math
@@ -10,6 +16,8 @@ import numbers
 import operator
 
 import numpy as np
+
+from . import _device
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -20,10 +28,11 @@ def _dtype_error(name, dtype):
 
 
 def float_array(a, name):
-    """``a`` as an ndarray of a supported float dtype (no copy for ndarrays)."""
+    """``a`` as an ndarray, or a Numba device array for a GPU array, of a supported float
+    dtype (no copy for either)."""
     if a is None:
         raise TypeError(f"{name} must be an array, not None")
-    arr = np.asarray(a)
+    arr = _device.as_device_array(a) if _device.is_device_array(a) else np.asarray(a)
     if arr.dtype not in FLOAT_DTYPES:
         raise _dtype_error(name, arr.dtype)
     return arr
@@ -51,15 +60,25 @@ def batch_input(x, axis, name="x"):
     return x, axis
 
 
-def channel_vector(v, name, channels, optional=False):
-    """A per-channel vector of shape ``(channels,)`` as float64, or ``None`` if allowed."""
+def channel_vector(v, name, channels, optional=False, device=False, anchor="x"):
+    """A per-channel vector of shape ``(channels,)``, or ``None`` if allowed.
+
+    Host vectors come back as float64 ndarrays. GPU vectors are accepted only when the
+    work runs on the GPU (``device``), and come back as they are: the CUDA backend
+    converts them on the GPU. ``anchor`` names the argument that decided where.
+    """
     if v is None and optional:
         return None
     arr = float_array(v, name)
-    if arr.shape != (channels,):
+    on_gpu = _device.is_device_array(arr)
+    if on_gpu and not device:
+        raise TypeError(f"{name} is a GPU array but {anchor} is a host array; numbabn "
+                        f"runs where {anchor} is and does not copy GPU arrays to the host: "
+                        f"pass {name} as a NumPy array, or {anchor} as a GPU array")
+    if tuple(arr.shape) != (channels,):
         raise ValueError(f"{name} must have shape ({channels},), one value per channel "
-                         f"of x; got shape {arr.shape}")
-    return arr.astype(np.float64, copy=False)
+                         f"of x; got shape {tuple(arr.shape)}")
+    return arr if on_gpu else arr.astype(np.float64, copy=False)
 
 
 def same_as_x(a, x, name):
@@ -67,8 +86,9 @@ def same_as_x(a, x, name):
     a = float_array(a, name)
     if a.dtype != x.dtype:
         raise TypeError(f"{name} must have the dtype of x ({x.dtype}); got {a.dtype}")
-    if a.shape != x.shape:
-        raise ValueError(f"{name} must have the shape of x {x.shape}; got {a.shape}")
+    if tuple(a.shape) != tuple(x.shape):
+        raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}; "
+                         f"got {tuple(a.shape)}")
     return a
 
 
@@ -76,16 +96,23 @@ def out_array(out, shape, dtype, inputs, name="out"):
     """Check a caller's output array; it may be an input itself, but not overlap one partly."""
     if out is None:
         return None
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray; got {type(out).__name__}")
-    if out.shape != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}; got {out.shape}")
+    on_gpu = _device.is_device_array(out)
+    if not (on_gpu or isinstance(out, np.ndarray)):
+        raise TypeError(f"{name} must be a numpy.ndarray (or a GPU array when x is one); "
+                        f"got {type(out).__name__}")
+    readonly = _device.is_readonly(out) if on_gpu else not out.flags.writeable
+    if on_gpu:
+        out = _device.as_device_array(out)
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(out.shape)}")
     if out.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype}; got {out.dtype}")
-    if not out.flags.writeable:
+    if readonly:
         raise ValueError(f"{name} is read-only")
+    may_share, same_view = ((_device.may_share_memory, _device.same_view) if on_gpu
+                            else (np.may_share_memory, _same_view))
     for a in inputs:
-        if out is not a and np.may_share_memory(out, a) and not _same_view(out, a):
+        if out is not a and may_share(out, a) and not same_view(out, a):
             raise ValueError(f"{name} overlaps an input without being the same array; "
                              f"pass the input itself for an in-place update, or a separate array")
     return out
@@ -112,26 +139,29 @@ def momentum_value(value):
     return float(value)
 
 
-def batch_stats(stats, channels, name="stats"):
-    """(mean, invstd) as float64 from a ``BatchStats`` (or any object with those fields)."""
+def batch_stats(stats, channels, name="stats", device=False):
+    """(mean, invstd) from a ``BatchStats`` (or any object with those fields), as
+    `channel_vector` returns them."""
     try:
         mean, invstd = stats.mean, stats.invstd
     except AttributeError:
         raise TypeError(f"{name} must be the BatchStats returned by batch_norm_train; "
                         f"got {type(stats).__name__}") from None
-    return (channel_vector(mean, f"{name}.mean", channels),
-            channel_vector(invstd, f"{name}.invstd", channels))
+    return (channel_vector(mean, f"{name}.mean", channels, device=device),
+            channel_vector(invstd, f"{name}.invstd", channels, device=device))
 
 
 def moving_array(a, name, channels):
-    """A moving statistic updated in place: a writeable float ndarray of shape (channels,)."""
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place); "
-                        f"got {type(a).__name__}")
-    float_array(a, name)
-    if a.shape != (channels,):
+    """A moving statistic updated in place: a writeable float ndarray (or GPU array) of
+    shape (channels,); returned as a Numba device array for a GPU array."""
+    on_gpu = _device.is_device_array(a)
+    if not (on_gpu or isinstance(a, np.ndarray)):
+        raise TypeError(f"{name} must be a numpy.ndarray or a GPU array (it is updated in "
+                        f"place); got {type(a).__name__}")
+    arr = float_array(a, name)
+    if tuple(arr.shape) != (channels,):
         raise ValueError(f"{name} must have shape ({channels},) like the batch "
-                         f"statistics; got {a.shape}")
-    if not a.flags.writeable:
+                         f"statistics; got {tuple(arr.shape)}")
+    if _device.is_readonly(a) if on_gpu else not a.flags.writeable:
         raise ValueError(f"{name} is read-only; it is updated in place")
-    return a
+    return arr

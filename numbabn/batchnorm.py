@@ -1,15 +1,47 @@
-"""The public batch-normalization functions (NumPy arrays in, NumPy arrays out)."""
+"""The public batch-normalization functions: NumPy arrays in and out, or GPU arrays.
 
-from typing import NamedTuple
+Each call runs where its full-size arrays (``x``, ``dy``, ``out``; the moving arrays for
+`update_moving_stats`) live: on the CPU (``_cpu``) for host arrays, on the GPU
+(``_cuda``) when they are GPU arrays (``_device.is_device_array``). Both backends share
+the validation and the maths here; they compute the same formulas.
+"""
+
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _cpu as backend
+from . import _cpu, _device
 from . import _validation as check
+
+
+def _backend(**arrays):
+    """The backend for these named arrays (None ones ignored): CPU, or CUDA if on the GPU.
+
+    Raises TypeError if some are on the GPU and some are not: numbabn never moves
+    full-size data between host and GPU behind the caller's back.
+    """
+    given = {name: a for name, a in arrays.items() if a is not None}
+    on_gpu = [name for name, a in given.items() if _device.is_device_array(a)]
+    if not on_gpu:
+        return _cpu
+    if len(on_gpu) < len(given):
+        names = list(given)
+        names = ", ".join(names[:-1]) + " and " + names[-1]
+        listing = ", ".join(f"{name} is {_device.describe(a)}" for name, a in given.items())
+        raise TypeError(f"{names} must be all host arrays or all GPU arrays (numbabn does "
+                        f"not move them between the two); got {listing}")
+    _device.cuda()  # a clear error where numba-cuda or a GPU is missing
+    from . import _cuda
+
+    return _cuda
 
 
 class BatchStats(NamedTuple):
     """Per-channel statistics of one batch, as returned by `batch_norm_train`.
+
+    NumPy arrays for a host batch; Numba device arrays for a GPU batch (they stay on
+    the GPU for `batch_norm_backward` and `update_moving_stats`; ``.copy_to_host()``
+    reads them).
 
     Attributes
     ----------
@@ -23,14 +55,14 @@ class BatchStats(NamedTuple):
         needs it.
     """
 
-    mean: np.ndarray
-    var: np.ndarray
-    invstd: np.ndarray
+    mean: Any
+    var: Any
+    invstd: Any
 
 
-def _kernel_dtype(a):
-    """float16 is computed in float32 (one converted copy); float32/64 natively."""
-    return a.astype(np.float32) if a.dtype == np.float16 else a
+def _kernel_dtype(a, backend):
+    """float16 is computed in float32 on the CPU (one converted copy); the rest natively."""
+    return a.astype(np.float32) if a.dtype == np.float16 and not backend.NATIVE_FLOAT16 else a
 
 
 def _to_output(y, dtype, out):
@@ -43,9 +75,16 @@ def _to_output(y, dtype, out):
     return out
 
 
-def _direct_out(out, x):
+def _direct_out(out, x, backend):
     """``out`` can take the kernel's result directly unless a float16 cast is needed."""
-    return out if x.dtype != np.float16 else None
+    return out if x.dtype != np.float16 or backend.NATIVE_FLOAT16 else None
+
+
+def _result(y, dtype, out, out_given):
+    """The full-size result; the caller's own ``out`` object when one was given (a
+    GPU ``out`` is validated as a Numba view of it, which is what the kernels wrote)."""
+    y = _to_output(y, dtype, out)
+    return y if out_given is None else out_given
 
 
 def batch_norm_train(x, gamma=None, beta=None, axis=-1, eps=1e-3, *, out=None):
@@ -56,9 +95,11 @@ def batch_norm_train(x, gamma=None, beta=None, axis=-1, eps=1e-3, *, out=None):
 
     Parameters
     ----------
-    x : ndarray, float16, float32 or float64, at least 2-D
+    x : ndarray or GPU array, float16, float32 or float64, at least 2-D
         The batch: (N, C) for a dense layer, (N, H, W, C) with ``axis=-1`` or
         (N, C, H, W) with ``axis=1`` for conv feature maps; any rank and memory order.
+        A GPU array (anything with ``__cuda_array_interface__``: Numba, CuPy, PyTorch)
+        runs the CUDA kernels, and ``out`` must then be a GPU array too.
     gamma, beta : ndarray of shape (C,) or None
         Scale and offset. ``None`` means no scale (1) or no offset (0), like Keras's
         ``scale=False`` / ``center=False``.
@@ -71,16 +112,17 @@ def batch_norm_train(x, gamma=None, beta=None, axis=-1, eps=1e-3, *, out=None):
 
     Returns
     -------
-    y : ndarray
-        Same shape and dtype as ``x``.
+    y : ndarray, or Numba device array for a GPU ``x``
+        Same shape and dtype as ``x`` (``out`` itself when given).
     stats : BatchStats
-        ``(mean, var, invstd)``, float64 arrays of shape (C,); pass them to
-        `batch_norm_backward` and `update_moving_stats`.
+        ``(mean, var, invstd)``, float64 arrays of shape (C,), on the device of ``x``;
+        pass them to `batch_norm_backward` and `update_moving_stats`.
 
     Raises
     ------
     TypeError
-        A non-float dtype or a mismatched ``out`` dtype.
+        A non-float dtype, a mismatched ``out`` dtype, host and GPU arrays mixed among
+        ``x`` and ``out``, or a GPU ``gamma``/``beta`` with a host ``x``.
     ValueError
         Fewer than 2 dimensions, ``axis`` out of range, an empty batch, ``gamma``/``beta``
         of the wrong length, ``eps <= 0`` or a mismatched ``out`` shape.
@@ -97,6 +139,11 @@ def batch_norm_train(x, gamma=None, beta=None, axis=-1, eps=1e-3, *, out=None):
     exactly its value as mean and 0 as variance, so it normalizes to exactly ``beta``.
     NaN or Inf in a channel make that channel's outputs NaN and no other.
 
+    On the GPU each thread runs Welford's update over its slice in float64, blocks
+    merge their threads with Chan's formula in a fixed tree, and a second kernel merges
+    the per-block partials of each channel in a fixed order: deterministic (no float
+    atomics; the split comes from the shape), with the same guarantees as above.
+
     Examples
     --------
     >>> import numpy as np, numbabn as nbn
@@ -105,20 +152,20 @@ def batch_norm_train(x, gamma=None, beta=None, axis=-1, eps=1e-3, *, out=None):
     >>> bool(abs(y.mean(axis=0)).max() < 1e-5), stats.mean.shape
     (True, (8,))
     """
+    backend = _backend(x=x, out=out)
+    gpu = backend is not _cpu
     x, axis = check.batch_input(x, axis)
     channels = x.shape[axis]
-    gamma = check.channel_vector(gamma, "gamma", channels, optional=True)
-    beta = check.channel_vector(beta, "beta", channels, optional=True)
+    gamma = check.channel_vector(gamma, "gamma", channels, optional=True, device=gpu)
+    beta = check.channel_vector(beta, "beta", channels, optional=True, device=gpu)
     eps = check.positive_float(eps, "eps")
-    out = check.out_array(out, x.shape, x.dtype, [x])
+    out_given, out = out, check.out_array(out, x.shape, x.dtype, [x])
 
-    xk = _kernel_dtype(x)
+    xk = _kernel_dtype(x, backend)
     mean, var = backend.channel_stats(xk, axis)
-    invstd = 1.0 / np.sqrt(var + eps)
-    scale = invstd if gamma is None else invstd * gamma
-    offset = np.zeros(channels) if beta is None else beta
-    y = backend.affine(xk, axis, mean, scale, offset, _direct_out(out, x))
-    return _to_output(y, x.dtype, out), BatchStats(mean, var, invstd)
+    invstd, scale, offset = backend.norm_coeffs(var, eps, gamma, beta)
+    y = backend.affine(xk, axis, mean, scale, offset, _direct_out(out, x, backend))
+    return _result(y, x.dtype, out, out_given), BatchStats(mean, var, invstd)
 
 
 def batch_norm_inference(x, gamma, beta, moving_mean, moving_var, axis=-1, eps=1e-3, *,
@@ -129,12 +176,14 @@ def batch_norm_inference(x, gamma, beta, moving_mean, moving_var, axis=-1, eps=1
 
     Parameters
     ----------
-    x : ndarray
+    x : ndarray or GPU array
         As in `batch_norm_train`.
     gamma, beta : ndarray of shape (C,) or None
         Scale and offset (``None``: 1 and 0).
     moving_mean, moving_var : ndarray of shape (C,)
-        The statistics to normalize with; ``moving_var`` must be non-negative.
+        The statistics to normalize with; ``moving_var`` must be non-negative (checked
+        for host arrays; a GPU ``moving_var`` is not read back to check it, and a
+        negative value gives NaN in its channel).
     axis : int, default -1
         The channel axis.
     eps : float, default 1e-3
@@ -153,23 +202,23 @@ def batch_norm_inference(x, gamma, beta, moving_mean, moving_var, axis=-1, eps=1
         As `batch_norm_train`; also for moving statistics of the wrong length or a
         negative ``moving_var``.
     """
+    backend = _backend(x=x, out=out)
+    gpu = backend is not _cpu
     x, axis = check.batch_input(x, axis)
     channels = x.shape[axis]
-    gamma = check.channel_vector(gamma, "gamma", channels, optional=True)
-    beta = check.channel_vector(beta, "beta", channels, optional=True)
-    moving_mean = check.channel_vector(moving_mean, "moving_mean", channels)
-    moving_var = check.channel_vector(moving_var, "moving_var", channels)
-    if np.any(moving_var < 0):
+    gamma = check.channel_vector(gamma, "gamma", channels, optional=True, device=gpu)
+    beta = check.channel_vector(beta, "beta", channels, optional=True, device=gpu)
+    moving_mean = check.channel_vector(moving_mean, "moving_mean", channels, device=gpu)
+    moving_var = check.channel_vector(moving_var, "moving_var", channels, device=gpu)
+    if isinstance(moving_var, np.ndarray) and np.any(moving_var < 0):
         raise ValueError(f"moving_var must be non-negative; got minimum {moving_var.min()}")
     eps = check.positive_float(eps, "eps")
-    out = check.out_array(out, x.shape, x.dtype, [x])
+    out_given, out = out, check.out_array(out, x.shape, x.dtype, [x])
 
-    invstd = 1.0 / np.sqrt(moving_var + eps)
-    scale = invstd if gamma is None else invstd * gamma
-    offset = np.zeros(channels) if beta is None else beta
-    xk = _kernel_dtype(x)
-    y = backend.affine(xk, axis, moving_mean, scale, offset, _direct_out(out, x))
-    return _to_output(y, x.dtype, out)
+    _, scale, offset = backend.norm_coeffs(moving_var, eps, gamma, beta)
+    xk = _kernel_dtype(x, backend)
+    y = backend.affine(xk, axis, moving_mean, scale, offset, _direct_out(out, x, backend))
+    return _result(y, x.dtype, out, out_given)
 
 
 def batch_norm_backward(dy, x, gamma, stats, axis=-1, *, out=None):
@@ -201,32 +250,34 @@ def batch_norm_backward(dy, x, gamma, stats, axis=-1, *, out=None):
 
     Returns
     -------
-    dx : ndarray
+    dx : ndarray, or Numba device array for GPU inputs
         Same shape and dtype as ``x``.
-    dgamma, dbeta : ndarray of shape (C,), float64
+    dgamma, dbeta : ndarray of shape (C,), float64, on the device of ``x``
         Returned whether or not the layer has a scale and an offset.
 
     Notes
     -----
     Two passes over ``dy`` and ``x``: one computes ``sum(dy)`` and ``sum(dy * (x - mean))``
     per channel in float64 (fixed task split, partial sums added in task order, so the
-    result is bitwise independent of the thread count), one writes ``dx``.
+    result is bitwise independent of the thread count), one writes ``dx``. On the GPU
+    the sums take two deterministic stages, as the statistics of `batch_norm_train`.
     """
+    backend = _backend(x=x, dy=dy, out=out)
+    gpu = backend is not _cpu
     x, axis = check.batch_input(x, axis)
     dy = check.same_as_x(dy, x, "dy")
     channels = x.shape[axis]
-    gamma = check.channel_vector(gamma, "gamma", channels, optional=True)
-    mean, invstd = check.batch_stats(stats, channels)
-    out = check.out_array(out, x.shape, x.dtype, [x, dy])
+    gamma = check.channel_vector(gamma, "gamma", channels, optional=True, device=gpu)
+    mean, invstd = check.batch_stats(stats, channels, device=gpu)
+    out_given, out = out, check.out_array(out, x.shape, x.dtype, [x, dy])
 
-    xk, dyk = _kernel_dtype(x), _kernel_dtype(dy)
+    xk, dyk = _kernel_dtype(x, backend), _kernel_dtype(dy, backend)
     n = x.size // channels
     sum_dy, sum_dy_xmu = backend.grad_sums(dyk, xk, axis, mean)
-    dgamma = sum_dy_xmu * invstd
-    k_dy = invstd if gamma is None else invstd * gamma
-    k_x = k_dy * invstd * dgamma / n
-    dx = backend.grad_input(dyk, xk, axis, mean, k_dy, sum_dy / n, k_x, _direct_out(out, x))
-    return _to_output(dx, x.dtype, out), dgamma, sum_dy
+    dgamma, k_dy, mean_dy, k_x = backend.grad_coeffs(sum_dy, sum_dy_xmu, invstd, gamma, n)
+    dx = backend.grad_input(dyk, xk, axis, mean, k_dy, mean_dy, k_x,
+                            _direct_out(out, x, backend))
+    return _result(dx, x.dtype, out, out_given), dgamma, sum_dy
 
 
 def update_moving_stats(moving_mean, moving_var, stats, momentum=0.99):
@@ -238,8 +289,10 @@ def update_moving_stats(moving_mean, moving_var, stats, momentum=0.99):
 
     Parameters
     ----------
-    moving_mean, moving_var : ndarray of shape (C,)
-        Float arrays updated in place; start them at zeros and ones.
+    moving_mean, moving_var : ndarray or GPU array of shape (C,)
+        Float arrays updated in place; start them at zeros and ones. GPU arrays are
+        updated on the GPU (``stats`` may then be host or GPU arrays); host arrays need
+        host ``stats``.
     stats : BatchStats
         From `batch_norm_train`.
     momentum : float in [0, 1], default 0.99
@@ -250,16 +303,19 @@ def update_moving_stats(moving_mean, moving_var, stats, momentum=0.99):
         The same arrays, updated.
     """
     momentum = check.momentum_value(momentum)
+    backend = _backend(moving_mean=moving_mean, moving_var=moving_var)
+    gpu = backend is not _cpu
     try:
         channels = len(stats.mean)
     except (AttributeError, TypeError):
         raise TypeError("stats must be the BatchStats returned by batch_norm_train; "
                         f"got {type(stats).__name__}") from None
-    check.moving_array(moving_mean, "moving_mean", channels)
-    check.moving_array(moving_var, "moving_var", channels)
-    batch_mean = check.channel_vector(stats.mean, "stats.mean", channels)
-    batch_var = check.channel_vector(stats.var, "stats.var", channels)
-    # float64 arithmetic, one rounding to the arrays' dtype at the store
-    moving_mean[...] = moving_mean * momentum + batch_mean * (1.0 - momentum)
-    moving_var[...] = moving_var * momentum + batch_var * (1.0 - momentum)
+    mm = check.moving_array(moving_mean, "moving_mean", channels)
+    mv = check.moving_array(moving_var, "moving_var", channels)
+    batch_mean = check.channel_vector(stats.mean, "stats.mean", channels, device=gpu,
+                                      anchor="moving_mean")
+    batch_var = check.channel_vector(stats.var, "stats.var", channels, device=gpu,
+                                     anchor="moving_var")
+    backend.update_moving(mm, batch_mean, momentum)
+    backend.update_moving(mv, batch_var, momentum)
     return moving_mean, moving_var

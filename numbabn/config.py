@@ -29,3 +29,26 @@ LANES = 64
 #: calls, 1 vs 2 threads: 2**16: 25 vs 132 us, 2**18: 69 vs 170 us, 2**19: 184 vs
 #: 195 us, 2**20: 369 vs 290 us, 2**21: 742 vs 485 us.
 SERIAL_BELOW = 2 ** 19
+
+# ------------------------------------------------------------------------- CUDA launches
+# The CUDA kernels split every channel's elements into blocks by these numbers and the
+# array's shape alone (``numbabn._cuda.launch_plan``), never by the device: the same
+# input gives the same bits on any GPU. Like the chunk sizes above, they are part of
+# the numerics (the order of the sums); the tests shrink them so that tiny inputs span
+# several blocks.
+
+#: Threads of one block; a power of two (the block reductions halve it level by level).
+#: 256 threads x 8 resident blocks fill an SM's 2048 thread slots.
+CUDA_THREADS_PER_BLOCK = 256
+
+#: Upper bound on the blocks that share one channel, hence on the partial results the
+#: second reduction stage merges per channel. At most 65535 (a grid dimension's limit).
+CUDA_MAX_BLOCKS_PER_CHANNEL = 1024
+
+#: Blocks a launch aims at over all channels: enough to keep the largest GPUs' SMs busy
+#: (132 SMs x 8 blocks of 256 threads on an H100 is 1056), from the shape alone.
+CUDA_TARGET_BLOCKS = 1024
+
+#: Fewest elements of a channel each thread gets before more blocks are added: on small
+#: inputs a block's start-up and its partial result cost more than its share of work.
+CUDA_MIN_ELEMENTS_PER_THREAD = 16

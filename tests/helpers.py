@@ -1,6 +1,6 @@
 import numpy as np
 
-from conftest import tolerance
+from cases import tolerance
 
 
 def assert_close(actual, expected, dtype, cond=1.0, err_msg=""):

@@ -5,7 +5,7 @@ import pytest
 
 import numbabn as nbn
 import reference as ref
-from conftest import make_inputs
+from cases import make_inputs
 from helpers import assert_close, assert_sums_close
 
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import numbabn as nbn
 import reference as ref
-from conftest import make_inputs
+from cases import make_inputs
 from helpers import assert_close
 
 
