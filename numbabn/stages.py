@@ -24,6 +24,10 @@ import numpy as np
 from . import _cpu as backend
 from . import _validation as check
 from ._kernels_cpu import _merge_moments
+from . import batchnorm
+from .batchnorm import _direct_out, _result
+
+# CPU only for now: GPU arrays fail validation here (numbabn.batchnorm dispatches).
 
 
 class Moments(NamedTuple):
@@ -35,7 +39,7 @@ class Moments(NamedTuple):
 
 
 def _kernel_dtype(a):
-    return a.astype(np.float32) if a.dtype == np.float16 else a
+    return batchnorm._kernel_dtype(a, backend)
 
 
 def batch_moments(x, axis=-1):
@@ -118,13 +122,8 @@ def batch_norm_apply(x, gamma, beta, mean, invstd, axis=-1, *, out=None):
     scale = invstd if gamma is None else invstd * gamma
     offset = np.zeros(channels) if beta is None else beta
     y = backend.affine(_kernel_dtype(x), axis, mean, scale, offset,
-                       out if x.dtype != np.float16 else None)
-    if y.dtype != x.dtype:
-        if out is None:
-            return y.astype(x.dtype)
-        np.copyto(out, y, casting="same_kind")
-        return out
-    return y
+                       _direct_out(out, x, backend))
+    return _result(y, x.dtype, out, None)
 
 
 def batch_norm_grad_sums(dy, x, mean, axis=-1):
@@ -164,13 +163,7 @@ def batch_norm_grad_input(dy, x, gamma, mean, invstd, sums, count, axis=-1, *, o
         raise ValueError(f"sums must have shape (2, {channels}); got {sums.shape}")
     count = np.broadcast_to(np.asarray(count, dtype=np.float64), (channels,))
     out = check.out_array(out, x.shape, x.dtype, [x, dy])
-    k_dy = invstd if gamma is None else invstd * gamma
-    k_x = k_dy * invstd * invstd * sums[1] / count
-    dx = backend.grad_input(_kernel_dtype(dy), _kernel_dtype(x), axis, mean, k_dy,
-                            sums[0] / count, k_x, out if x.dtype != np.float16 else None)
-    if dx.dtype != x.dtype:
-        if out is None:
-            return dx.astype(x.dtype)
-        np.copyto(out, dx, casting="same_kind")
-        return out
-    return dx
+    _, k_dy, mean_dy, k_x = backend.grad_coeffs(sums[0], sums[1], invstd, gamma, count)
+    dx = backend.grad_input(_kernel_dtype(dy), _kernel_dtype(x), axis, mean, k_dy, mean_dy,
+                            k_x, _direct_out(out, x, backend))
+    return _result(dx, x.dtype, out, None)
