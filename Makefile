@@ -1,10 +1,13 @@
 # The README's two quick-start commands: `make demo` and `make test`.
-# Each creates its own virtual environment on a fresh machine.
+# Each creates its own virtual environment (.venv) on a fresh machine.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# asv: how many commits of main `bench-history` runs, and the slowdown `bench-gate` fails on
+N ?= 5
+FACTOR ?= 1.5
 
-.PHONY: demo test bench clean
+.PHONY: demo demo-numpy test bench bench-history bench-gate bench-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,17 +25,39 @@ $(VENV)/.bench: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e ".[bench]"
 	touch $@
 
-## demo: train a small BN network with numbabn and with plain NumPy, print the comparison
+## demo: LeNet with BN on digits in Keras, stock layer vs numbabn's, prints the comparison
 demo: $(VENV)/.demo
+	$(BIN)/python demo/lenet_digits.py
+
+## demo-numpy: an MLP with BN trained in plain NumPy, numbabn vs a NumPy implementation
+demo-numpy: $(VENV)/.demo
 	$(BIN)/python demo/mlp_digits.py
 
 ## test: the whole test suite
 test: $(VENV)/.test
 	$(BIN)/python -m pytest
 
-## bench: kernel speed against the copy-bandwidth floor and TensorFlow's fused kernel
+## bench: kernel and Keras-layer speed tables (floor, TensorFlow's fused kernel, stock layer)
 bench: $(VENV)/.bench
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/report.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/keras_report.py
+
+$(HOME)/.asv-machine.json: $(VENV)/.bench
+	$(BIN)/asv machine --yes
+
+## bench-history: asv over the last N commits of main (one environment), HTML report
+bench-history: $(HOME)/.asv-machine.json
+	$(BIN)/asv run --skip-existing-commits "main~$(N)..main"
+	$(BIN)/asv publish
+	@echo "Report in .asv/html; browse it with: $(BIN)/asv preview"
+
+## bench-gate: the working tree's HEAD against main; fails on a slowdown beyond FACTOR
+bench-gate: $(HOME)/.asv-machine.json
+	$(BIN)/asv continuous --factor $(FACTOR) --split main HEAD
+
+## bench-check: asv check, and every benchmark run once at a small size (in `make test` too)
+bench-check: $(VENV)/.test
+	$(BIN)/python -m pytest tests/test_benchmarks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -33,6 +33,13 @@ CASES = {
     "small-f64": ((32, 8, 8, 16), 3, np.float64),
 }
 
+#: NUMBABN_BENCH_SMALL=1 (``make bench-check``, run by CI): every benchmark runs once on
+#: small inputs, to prove the suite still imports and runs; the case names stay the same.
+SMALL_RUN = os.environ.get("NUMBABN_BENCH_SMALL") == "1"
+if SMALL_RUN:
+    CASES["nhwc"] = ((4, 14, 14, 16), 3, np.float32)
+    CASES["nchw"] = ((4, 16, 14, 14), 1, np.float32)
+
 #: Traffic of each operation in units of ``x.nbytes``: train reads x twice (statistics,
 #: then normalize) and writes y; backward reads dy and x twice (sums, then dx) and
 #: writes dx; inference reads x and writes y; the statistics read x once.

@@ -1,0 +1,34 @@
+"""The asv suite never rots: every benchmark imports and runs once at a small size."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_benchmark_runs_once_on_small_inputs():
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "bench_smoke_worker.py")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    ran = report["ran"]
+    for suite in ("bench_kernels", "bench_keras"):
+        assert any(name.startswith(suite) for name in ran), suite
+    assert len(ran) >= 40
+    # only the GPU suite may decline, and only for want of a GPU
+    for name, why in report["declined"].items():
+        assert name.startswith("bench_cuda"), (name, why)
+        assert "GPU" in why or "CUDA" in why, why
+
+
+def test_asv_check_finds_no_problems():
+    proc = subprocess.run([sys.executable, "-m", "asv", "check", "--python=same"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, ASV_PYTHONPATH=str(ROOT),
+                                   NUMBABN_BENCH_SMALL="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "No problems found" in proc.stdout + proc.stderr
