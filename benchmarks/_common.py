@@ -316,3 +316,11 @@ def first_call_warm(repeat=3):
     with tempfile.TemporaryDirectory(prefix="numbabn-warm-") as d:
         first_call_seconds(d)  # populate the cache
         return min(first_call_seconds(d) for _ in range(repeat))
+
+
+def markdown_table(header, rows):
+    """A Markdown table: the first two columns left-aligned, the numbers right-aligned."""
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -28,6 +28,7 @@ if __package__:  # imported by asv's benchmark discovery, as benchmarks.keras_re
         KERAS_CASES, best_of_interleaved, bridge_timings, build_fns, check_agreement,
         glue_fn, kernel_fns, thread_info, zero_copy,
     )
+    from ._common import markdown_table
     from .report import cpu_model
 else:  # run as a script: make the repository root (benchmarks/, numbabn/) importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,6 +36,7 @@ else:  # run as a script: make the repository root (benchmarks/, numbabn/) impor
         KERAS_CASES, best_of_interleaved, bridge_timings, build_fns, check_agreement,
         glue_fn, kernel_fns, thread_info, zero_copy,
     )
+    from benchmarks._common import markdown_table
     from benchmarks.report import cpu_model
 
 import numpy as np  # noqa: E402
@@ -66,10 +68,7 @@ def measure(name, shape, axis, dtype, repeat):
 
 
 def markdown(rows):
-    lines = ["| " + " | ".join(HEADER) + " |",
-             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(HEADER))) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(HEADER, rows)
 
 
 def main(argv=None):

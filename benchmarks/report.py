@@ -23,13 +23,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if __package__:  # imported by asv's benchmark discovery, as benchmarks.report
     from ._common import (
         BYTES_MOVED, CASES, best_of, check_tf, checked_inputs, copy_bandwidth,
-        first_call_cold, first_call_warm, floor_seconds, numbabn_ops, tf_ops,
+        first_call_cold, first_call_warm, floor_seconds, markdown_table, numbabn_ops,
+        tf_ops,
     )
 else:  # run as a script: make the repository root (benchmarks/ and numbabn/) importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks._common import (
         BYTES_MOVED, CASES, best_of, check_tf, checked_inputs, copy_bandwidth,
-        first_call_cold, first_call_warm, floor_seconds, numbabn_ops, tf_ops,
+        first_call_cold, first_call_warm, floor_seconds, markdown_table, numbabn_ops,
+        tf_ops,
     )
 
 import numba  # noqa: E402
@@ -98,10 +100,7 @@ def measure(label, shape, axis, dtype, repeat):
 
 
 def markdown(rows):
-    lines = ["| " + " | ".join(HEADER) + " |",
-             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(HEADER))) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(HEADER, rows)
 
 
 def main(argv=None):
