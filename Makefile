@@ -49,6 +49,7 @@ $(HOME)/.asv-machine.json: $(VENV)/.bench
 bench-history: $(HOME)/.asv-machine.json
 	$(BIN)/asv run --skip-existing-commits "main~$(N)..main"
 	$(BIN)/asv publish
+	$(BIN)/python benchmarks/plot_history.py --out benchmarks/history.png
 	@echo "Report in .asv/html; browse it with: $(BIN)/asv preview"
 
 ## bench-gate: the working tree's HEAD against main; fails on a slowdown beyond FACTOR
