@@ -14,6 +14,8 @@ numba-cuda, without a GPU, or under the CUDA simulator. Nothing here imports
 ``numba.cuda`` at import time: asv imports this module while it discovers benchmarks.
 """
 
+import importlib.util
+
 import numpy as np
 
 from ._common import BYTES_MOVED, EPS, Reference, make_inputs
@@ -30,12 +32,13 @@ def _gpu_inputs(case):
 
     Raises NotImplementedError where the CUDA kernels cannot run on real hardware.
     """
-    try:
-        from numba import cuda
+    if importlib.util.find_spec("numba_cuda") is None:
+        raise NotImplementedError("numba-cuda is not installed, so no CUDA kernels (pip install "
+                                  "'numbabn[cuda]')")
+    from numba import cuda
 
-        from numbabn import _device
-    except ImportError as exc:
-        raise NotImplementedError(f"numba-cuda is not importable: {exc}") from None
+    from numbabn import _device
+
     if _device.simulated():
         raise NotImplementedError("the CUDA simulator is on: GPU timings would be meaningless")
     if not cuda.is_available():

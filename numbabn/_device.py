@@ -69,9 +69,12 @@ def simulated():
     """Whether numba.cuda is the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)."""
     global _simulated
     if _simulated is None:
-        from numba.cuda.core import config
+        if importlib.util.find_spec("numba_cuda") is None:  # Numba's own numba.cuda lacks
+            _simulated = False                               # .core; numbabn needs numba-cuda
+        else:
+            from numba.cuda.core import config
 
-        _simulated = bool(config.ENABLE_CUDASIM)
+            _simulated = bool(config.ENABLE_CUDASIM)
     return _simulated
 
 

@@ -73,6 +73,8 @@ import io, numpy as np, numbabn as nbn
 y, stats = nbn.batch_norm_train(np.arange(12.0).reshape(4, 3))
 assert abs(float(stats.mean[1]) - 5.5) < 1e-12
 buf = io.StringIO(); nbn.show_config(file=buf); print(buf.getvalue())
+from numbabn import _device
+print("simulated:", _device.simulated())  # Numba's own numba.cuda has no .core
 
 class ForeignGPUArray:  # what CuPy or PyTorch hand over
     __cuda_array_interface__ = {"shape": (4, 3), "typestr": "<f4", "data": (0, False),
@@ -92,6 +94,7 @@ def test_cpu_path_needs_no_numba_cuda():
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stderr
     assert "CUDA: not available (numba-cuda is not installed" in proc.stdout
+    assert "simulated: False" in proc.stdout
     assert "RuntimeError: numbabn was given a GPU array, but numba-cuda is not installed" \
         in proc.stdout
 
