@@ -3,9 +3,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# asv: how many commits of main `bench-history` runs, and the slowdown `bench-gate` fails on
+# asv: how many commits of main `bench-history` runs, the slowdown `bench-gate` fails on,
+# and optionally a benchmark regex for both (all benchmarks take ~6 min a commit here)
 N ?= 5
 FACTOR ?= 1.5
+BENCH ?=
+ASV_BENCH := $(if $(BENCH),-b "$(BENCH)",)
 
 .PHONY: demo demo-numpy test bench bench-history bench-gate bench-check clean
 
@@ -47,14 +50,14 @@ $(HOME)/.asv-machine.json: $(VENV)/.bench
 
 ## bench-history: asv over the last N commits of main (one environment), HTML report
 bench-history: $(HOME)/.asv-machine.json
-	$(BIN)/asv run --skip-existing-commits "main~$(N)..main"
+	$(BIN)/asv run --skip-existing-commits $(ASV_BENCH) "main~$(N)..main"
 	$(BIN)/asv publish
 	$(BIN)/python benchmarks/plot_history.py --out benchmarks/history.png
 	@echo "Report in .asv/html; browse it with: $(BIN)/asv preview"
 
 ## bench-gate: the working tree's HEAD against main; fails on a slowdown beyond FACTOR
 bench-gate: $(HOME)/.asv-machine.json
-	$(BIN)/asv continuous --factor $(FACTOR) --split main HEAD
+	$(BIN)/asv continuous --factor $(FACTOR) --split $(ASV_BENCH) main HEAD
 
 ## bench-check: asv check, and every benchmark run once at a small size (in `make test` too)
 bench-check: $(VENV)/.test
