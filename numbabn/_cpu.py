@@ -48,7 +48,7 @@ def affine(x, axis, center, scale, offset, out=None):
     layout, xv = prepare(x, axis)
     y, yv, copy_to = _output(out, x, layout)
     kernel = k.affine_rows if layout.is_rows else k.affine_planes
-    run_kernel(kernel, x.size, xv, *layout.plan(), center, scale, offset, yv)
+    run_kernel(kernel, x.size, xv, *layout.elementwise_plan(), center, scale, offset, yv)
     return _finish(y, copy_to)
 
 
@@ -69,7 +69,8 @@ def grad_input(dy, x, axis, mean, k_dy, mean_dy, k_x, out=None):
     dyv = input_blocks(dy, layout)
     dx, dxv, copy_to = _output(out, x, layout)
     kernel = k.grad_input_rows if layout.is_rows else k.grad_input_planes
-    run_kernel(kernel, x.size, dyv, xv, *layout.plan(), mean, k_dy, mean_dy, k_x, dxv)
+    run_kernel(kernel, x.size, dyv, xv, *layout.elementwise_plan(), mean, k_dy, mean_dy, k_x,
+               dxv)
     return _finish(dx, copy_to)
 
 

@@ -187,21 +187,33 @@ def affine_rows(x, rows_per_task, center, scale, offset, y):
                 y[r, c] = (np.float64(x[r, c]) - center[c]) * scale[c] + offset[c]
 
 
+@njit(**_OPTS)
+def _plane_segment(t, C, I, i_per):
+    """Elementwise task t -> (o, c, i0, i1), numbered in memory order.
+
+    Consecutive tasks are adjacent in memory, so each thread streams one contiguous
+    part of the array: 12% faster than the reductions' channel-major order (measured
+    on (64, 64, 56, 56) float32, 2 threads: 3.64 vs 4.09 ms, a copy 3.75 ms).
+    """
+    n_i = (I + i_per - 1) // i_per
+    oc = t // n_i
+    i0 = (t % n_i) * i_per
+    return oc // C, oc % C, i0, min(I, i0 + i_per)
+
+
 @njit(parallel=True, **_OPTS)
-def affine_planes(x, o_per, i_per, center, scale, offset, y):
+def affine_planes(x, i_per, center, scale, offset, y):
     """As ``affine_rows`` on (O, C, I) views."""
     O, C, I = x.shape
-    n_j = ((O + o_per - 1) // o_per) * ((I + i_per - 1) // i_per)
-    for t in prange(C * n_j):
-        c, j, o0, o1, i0, i1 = _plane_task(t, C, O, I, o_per, i_per)
+    for t in prange(O * C * ((I + i_per - 1) // i_per)):
+        o, c, i0, i1 = _plane_segment(t, C, I, i_per)
         m = center[c]
         s = scale[c]
         b = offset[c]
-        for o in range(o0, o1):
-            xr = x[o, c, i0:i1]
-            yr = y[o, c, i0:i1]
-            for i in range(xr.size):
-                yr[i] = (np.float64(xr[i]) - m) * s + b
+        xr = x[o, c, i0:i1]  # 1-D slices vectorize; 3-D indexing in the loop did not
+        yr = y[o, c, i0:i1]
+        for i in range(xr.size):
+            yr[i] = (np.float64(xr[i]) - m) * s + b
 
 
 # ------------------------------------------------------------------------- backward
@@ -282,19 +294,17 @@ def grad_input_rows(dy, x, rows_per_task, mean, k_dy, mean_dy, k_x, dx):
 
 
 @njit(parallel=True, **_OPTS)
-def grad_input_planes(dy, x, o_per, i_per, mean, k_dy, mean_dy, k_x, dx):
-    """As ``grad_input_rows`` on (O, C, I) views."""
+def grad_input_planes(dy, x, i_per, mean, k_dy, mean_dy, k_x, dx):
+    """As ``grad_input_rows`` on (O, C, I) views, tasks in memory order."""
     O, C, I = x.shape
-    n_j = ((O + o_per - 1) // o_per) * ((I + i_per - 1) // i_per)
-    for t in prange(C * n_j):
-        c, j, o0, o1, i0, i1 = _plane_task(t, C, O, I, o_per, i_per)
+    for t in prange(O * C * ((I + i_per - 1) // i_per)):
+        o, c, i0, i1 = _plane_segment(t, C, I, i_per)
         m = mean[c]
         a = k_dy[c]
         md = mean_dy[c]
         b = k_x[c]
-        for o in range(o0, o1):
-            xr = x[o, c, i0:i1]
-            gr = dy[o, c, i0:i1]
-            dr = dx[o, c, i0:i1]
-            for i in range(xr.size):
-                dr[i] = a * (np.float64(gr[i]) - md) - b * (np.float64(xr[i]) - m)
+        xr = x[o, c, i0:i1]
+        gr = dy[o, c, i0:i1]
+        dr = dx[o, c, i0:i1]
+        for i in range(xr.size):
+            dr[i] = a * (np.float64(gr[i]) - md) - b * (np.float64(xr[i]) - m)

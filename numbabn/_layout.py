@@ -47,6 +47,10 @@ class Layout(NamedTuple):
                     -(-self.outer // config.MAX_CHUNKS), 1)
         return (o_per, self.inner)
 
+    def elementwise_plan(self):
+        """Task sizes of the elementwise kernels: row blocks, or plane segments (i_per)."""
+        return self.plan() if self.is_rows else self.plan()[-1:]
+
 
 def layout_of(x, axis):
     """The walk of ``x`` (channel axis ``axis``, already normalized) in memory order."""
