@@ -5,8 +5,10 @@ Two layouts cover every input (``_layout`` maps an array and its channel axis to
 * rows ``(R, C)``: channels are the contiguous axis (NHWC, (N, C)). A task owns a block
   of rows and all channels; the inner loop runs over channels and vectorizes.
 * planes ``(O, C, I)``: each channel is a run of ``I`` contiguous elements per outer
-  index (NCHW). A task owns one channel over a block of the ``(O, I)`` plane and keeps
-  ``config.LANES`` accumulators so the inner loop vectorizes without reassociation.
+  index (NCHW). A reduction task owns one channel over a block of the ``(O, I)`` plane
+  and keeps ``config.LANES`` accumulators so the inner loop vectorizes without
+  reassociation; an elementwise task owns one run (or a segment of it), numbered in
+  memory order.
 
 Reductions write one partial result per task into ``(n_tasks_per_channel, C)`` arrays
 and merge them in index order after the parallel loop. The split comes from the shape
