@@ -20,25 +20,39 @@ import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
 import numbabn as nbn  # noqa: E402
-from numbabn import _cpu  # noqa: E402
+from numbabn.stages import batch_moments  # noqa: E402
 
 EPS = 1e-3
 
 #: name -> (shape, channel axis, dtype). "nhwc"/"nchw" are ResNet-50's conv2 activation
-#: at batch 64 in both layouts (51 MB in float32); the small ones stay in cache.
+#: at batch 64 in both layouts (51 MB in float32); "nc" is a dense layer's (N, C)
+#: activation with as many elements; the small ones stay in cache.
 CASES = {
     "nhwc": ((64, 56, 56, 64), 3, np.float32),
     "nchw": ((64, 64, 56, 56), 1, np.float32),
+    "nc": ((50176, 256), 1, np.float32),
+    "nhwc-f16": ((64, 56, 56, 64), 3, np.float16),
+    "nc-f64": ((50176, 256), 1, np.float64),
     "small": ((32, 8, 8, 16), 3, np.float32),
     "small-f64": ((32, 8, 8, 16), 3, np.float64),
 }
+
+#: Full-size outputs are checked to this error scaled by 1 + |value| (`check_close`):
+#: float32/float16 outputs are float64 results rounded once (half an ulp: 6e-8, 5e-4).
+TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5,
+             np.dtype(np.float16): 1e-3}
 
 #: NUMBABN_BENCH_SMALL=1 (``make bench-check``, run by CI): every benchmark runs once on
 #: small inputs, to prove the suite still imports and runs; the case names stay the same.
 SMALL_RUN = os.environ.get("NUMBABN_BENCH_SMALL") == "1"
 if SMALL_RUN:
-    CASES["nhwc"] = ((4, 14, 14, 16), 3, np.float32)
-    CASES["nchw"] = ((4, 16, 14, 14), 1, np.float32)
+    CASES.update({
+        "nhwc": ((4, 14, 14, 16), 3, np.float32),
+        "nchw": ((4, 16, 14, 14), 1, np.float32),
+        "nc": ((784, 16), 1, np.float32),
+        "nhwc-f16": ((4, 14, 14, 16), 3, np.float16),
+        "nc-f64": ((784, 16), 1, np.float64),
+    })
 
 #: Traffic of each operation in units of ``x.nbytes``: train reads x twice (statistics,
 #: then normalize) and writes y; backward reads dy and x twice (sums, then dx) and
@@ -147,7 +161,7 @@ def numbabn_ops(inp, out):
         "inference": lambda: nbn.batch_norm_inference(x, g, beta, mm, mv, axis, EPS,
                                                       out=out),
         "backward": lambda: nbn.batch_norm_backward(dy, x, g, stats, axis, out=out),
-        "stats": lambda: _cpu.channel_stats(x, axis),
+        "stats": lambda: batch_moments(x, axis)[1:],  # (mean, var)
     }
 
 
@@ -156,9 +170,8 @@ def check_numbabn(inp, ref):
 
     Raises AssertionError on a wrong result, so a broken kernel is never timed.
     """
-    # float32 outputs are rounded float64 results; float64 statistics are exact sums
-    # up to rounding. Errors are relative to 1 + |value| (see check_close).
-    tol = 1e-5 if inp["x"].dtype == np.float32 else 1e-10
+    # Statistics and parameter gradients are float64 sums in every dtype.
+    tol = TOLERANCE[inp["x"].dtype]
     ops = numbabn_ops(inp, np.empty_like(inp["x"]))
     y, stats = ops["train"]()
     check_full("train y", y, ref.y_train, ref, tol)
@@ -211,7 +224,9 @@ def copy_bandwidth(src, dst, repeat=10):
     """
     if not (src.flags.c_contiguous and dst.flags.c_contiguous):
         raise ValueError("copy_bandwidth needs C-contiguous arrays")
-    s, d = src.reshape(-1), dst.reshape(-1)
+    # as unsigned integers of the same width: Numba has no float16
+    as_uint = np.dtype(f"u{src.itemsize}")
+    s, d = src.reshape(-1).view(as_uint), dst.reshape(-1).view(as_uint)
     t = min(best_of(lambda: np.copyto(d, s), repeat),
             best_of(lambda: _parallel_copy(s, d), repeat))
     return BYTES_MOVED["copy"] * src.nbytes / t
@@ -227,25 +242,31 @@ def floor_seconds(op, nbytes, bandwidth):
 def tf_ops(inp):
     """Callables running TF's fused BN (train, inference, backward) on ``inp``.
 
-    Raises NotImplementedError without TensorFlow. Inputs become tensors once, so only
-    the op is timed; TF allocates its outputs on every call (it has no ``out=``).
+    Raises NotImplementedError without TensorFlow, or for float64 (the op takes
+    half, bfloat16 and float32 only). Inputs become tensors once, so only the op is
+    timed; TF allocates its outputs on every call (it has no ``out=``). A 2-D (N, C)
+    input runs as NHWC (N, 1, 1, C), the reshape Keras 2 did to fuse dense layers.
     """
     try:
         import tensorflow as tf
     except ImportError as exc:
         raise NotImplementedError(f"tensorflow is not importable: {exc}") from None
-    axis = inp["axis"]
-    if inp["x"].ndim != 4 or axis not in (1, 3):
-        raise NotImplementedError("TF's fused BN takes 4-D NHWC or NCHW only")
+    x, dy, axis = inp["x"], inp["dy"], inp["axis"]
+    if x.dtype == np.float64:
+        raise NotImplementedError("TF's fused BN takes float16/bfloat16/float32 only")
+    if x.ndim == 2 and axis == 1:
+        x, dy, axis = x[:, None, None, :], dy[:, None, None, :], 3
+    if x.ndim != 4 or axis not in (1, 3):
+        raise NotImplementedError("TF's fused BN takes 4-D NHWC or NCHW (or 2-D (N, C))")
     # TF's CPU kernel accepts NCHW: it transposes to NHWC and back inside the op
     # (fused_batch_norm_op.cc). That is what a TF user with NCHW data pays, so it is
     # timed as is; no transpose of ours is added or subtracted.
     fmt = "NHWC" if axis == 3 else "NCHW"
-    dt = inp["x"].dtype
-    x, dy = tf.constant(inp["x"]), tf.constant(inp["dy"])
-    g, b = (tf.constant(inp[k].astype(dt)) for k in ("gamma", "beta"))
-    mm, mv = (tf.constant(inp[k].astype(dt)) for k in ("moving_mean", "moving_var"))
-    empty = tf.constant(np.empty(0, dt))
+    x, dy = tf.constant(x), tf.constant(dy)
+    # scale, offset and the statistics are float32 for every x dtype
+    g, b, mm, mv = (tf.constant(inp[k].astype(np.float32)) for k in
+                    ("gamma", "beta", "moving_mean", "moving_var"))
+    empty = tf.constant(np.empty(0, np.float32))
     fused = tf.raw_ops.FusedBatchNormV3
 
     def train():
@@ -263,16 +284,50 @@ def tf_ops(inp):
     }
 
 
-def check_tf(ops, ref, tol=1e-3):
-    """Loose check of TF's outputs: it sums in float32, fine on standard-normal data."""
+def check_peer(name, ops, ref, tol=1e-3):
+    """Loose check of a peer's outputs (``tf_ops`` or ``_numpy_bn.numpy_ops``).
+
+    The peers sum in float32, fine on standard-normal data; float16 outputs get
+    float16's own tolerance. Each op returns a tuple whose first items are (y, mean)
+    for train, y for inference (TF: a tuple), (dx, dgamma, dbeta) for backward.
+    """
+    x = ref.inp["x"]
+    tol = max(tol, TOLERANCE[x.dtype])
+
+    def full(a):
+        return np.asarray(a).reshape(x.shape)
+
+    def vector(a):
+        return np.asarray(a).reshape(-1)
+
     y = ops["train"]()
-    check_full("TF train y", y[0].numpy(), ref.y_train, ref, tol)
-    check_close("TF train mean", y[1].numpy(), ref.mean, tol)
-    check_full("TF inference y", ops["inference"]()[0].numpy(), ref.y_inf, ref, tol)
+    check_full(f"{name} train y", full(y[0]), ref.y_train, ref, tol)
+    check_close(f"{name} train mean", vector(y[1]), ref.mean, tol)
+    y = ops["inference"]()
+    check_full(f"{name} inference y", full(y[0] if isinstance(y, (tuple, list)) else y),
+               ref.y_inf, ref, tol)
     g = ops["backward"]()
-    check_full("TF backward dx", g[0].numpy(), ref.dx, ref, tol)
-    check_close("TF backward dgamma", g[1].numpy(), ref.dgamma, tol)
-    check_close("TF backward dbeta", g[2].numpy(), ref.dbeta, tol)
+    check_full(f"{name} backward dx", full(g[0]), ref.dx, ref, tol)
+    check_close(f"{name} backward dgamma", vector(g[1]), ref.dgamma, tol)
+    check_close(f"{name} backward dbeta", vector(g[2]), ref.dbeta, tol)
+
+
+def best_of_interleaved(fns, repeat=10, min_seconds=0.02):
+    """``{name: seconds per call}``, the fastest of ``repeat`` runs of each function.
+
+    Like `best_of`, but the functions take turns run by run, so a change of load on a
+    shared machine hits all of them alike and their ratios stay meaningful.
+    """
+    timers = {name: timeit.Timer(fn) for name, fn in fns.items()}
+    numbers = {}
+    for name, timer in timers.items():
+        timer.timeit(1)  # warm-up (tracing, kernel compilation, first-touch pages)
+        numbers[name] = max(1, int(min_seconds / max(timer.timeit(1), 1e-9)))
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeat):
+        for name, timer in timers.items():
+            best[name] = min(best[name], timer.timeit(numbers[name]) / numbers[name])
+    return best
 
 
 # -------------------------------------------------------------- first-call latency

@@ -18,14 +18,15 @@ names. TensorFlow and Keras are imported inside the functions, so discovery stay
 """
 
 import os
-import timeit
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before Numba/TF load: see _common
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from ._common import CASES, EPS, check_close, make_inputs  # noqa: E402
+from ._common import (  # noqa: E402
+    CASES, EPS, best_of_interleaved, check_close, make_inputs,
+)
 
 MOMENTUM = 0.99  # Keras's default
 KINDS = ("stock", "numbabn", "fused")
@@ -44,27 +45,36 @@ def _tensors(shape, axis, dtype):
     return tf.constant(inp["x"]), tf.constant(inp["dy"]), params
 
 
-def _layer_fns(cls, x, w, params):
+def _step_fns(forward, inference, x, w, weights, moving):
+    """The benchmarked calls around a training-mode ``forward()`` (returns y and updates
+    the moving statistics) and an ``inference()``: see `build_fns`."""
     import tensorflow as tf
-
-    layer = cls(axis=-1, momentum=MOMENTUM, epsilon=EPS)
-    layer.build(x.shape)
-    layer.set_weights([params[k] for k in ("gamma", "beta", "moving_mean", "moving_var")])
 
     @tf.function
     def train():
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = layer(x, training=True)
+            y = forward()
             loss = tf.reduce_sum(y * w)
-        return (y, *tape.gradient(loss, [x, layer.gamma, layer.beta]))
+        return (y, *tape.gradient(loss, [x, *weights]))
 
-    @tf.function
+    return dict(train=train, inference=tf.function(inference), eager=forward,
+                moving=lambda: [v.numpy() for v in moving])
+
+
+def _layer_fns(cls, x, w, params):
+    layer = cls(axis=-1, momentum=MOMENTUM, epsilon=EPS)
+    layer.build(x.shape)
+    layer.set_weights([params[k] for k in ("gamma", "beta", "moving_mean", "moving_var")])
+
+    def forward():
+        return layer(x, training=True)
+
     def inference():
         return layer(x, training=False)
 
-    moving = lambda: [v.numpy() for v in (layer.moving_mean, layer.moving_variance)]  # noqa: E731
-    return dict(train=train, inference=inference, moving=moving)
+    return _step_fns(forward, inference, x, w, [layer.gamma, layer.beta],
+                     [layer.moving_mean, layer.moving_variance])
 
 
 def _fused_fns(x, w, params):
@@ -76,30 +86,30 @@ def _fused_fns(x, w, params):
     n = x.shape.num_elements() // x.shape[-1]
     fused = tf.raw_ops.FusedBatchNormV3
 
-    @tf.function
-    def train():
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y, mean, var = fused(x=x, scale=gamma, offset=beta, mean=empty, variance=empty,
-                                 epsilon=EPS, data_format="NHWC", is_training=True)[:3]
-            loss = tf.reduce_sum(y * w)
+    def forward():
+        y, mean, var = fused(x=x, scale=gamma, offset=beta, mean=empty, variance=empty,
+                             epsilon=EPS, data_format="NHWC", is_training=True)[:3]
         var = var * ((n - 1) / n)  # the op returns Bessel's variance; Keras averages the biased
         mm.assign(mm * MOMENTUM + mean * (1.0 - MOMENTUM))
         mv.assign(mv * MOMENTUM + var * (1.0 - MOMENTUM))
-        return (y, *tape.gradient(loss, [x, gamma, beta]))
+        return y
 
-    @tf.function
     def inference():
         return fused(x=x, scale=gamma, offset=beta, mean=mm, variance=mv, epsilon=EPS,
                      data_format="NHWC", is_training=False)[0]
 
-    return dict(train=train, inference=inference, moving=lambda: [mm.numpy(), mv.numpy()])
+    return _step_fns(forward, inference, x, w, [gamma, beta], [mm, mv])
 
 
 def build_fns(shape, axis, dtype, kinds=KINDS):
-    """``{kind: {"train": fn, "inference": fn, "moving": fn}}``, each ``fn`` zero-argument.
+    """``{kind: {"train": fn, "inference": fn, "eager": fn, "moving": fn}}``.
 
-    Every kind starts from the same x, w and weights (``_common.make_inputs``).
+    Each ``fn`` takes no argument. ``train``: the training step in a ``tf.function``;
+    ``inference``: a ``training=False`` call in a ``tf.function``; ``eager``: one
+    training-mode forward call outside any ``tf.function`` (y and the moving update, no
+    gradient), as in a custom eager loop or a debugging session; ``moving``: the moving
+    statistics as NumPy arrays. Every kind starts from the same x, w and weights
+    (``_common.make_inputs``).
     """
     import keras
 
@@ -114,43 +124,25 @@ def build_fns(shape, axis, dtype, kinds=KINDS):
 
 def check_agreement(fns, tol=1e-3):
     """One fresh step of every kind against the stock layer: outputs, gradients, moving
-    statistics, and inference afterwards. Raises AssertionError on a mismatch, so a wrong
-    layer is never timed. Call before any other step (the moving statistics must agree).
+    statistics, inference afterwards, then an eager forward call. Raises AssertionError
+    on a mismatch, so a wrong layer is never timed. Call before any other step (the
+    moving statistics must agree).
 
     Scaled errors |a - b| / (1 + |b|); float32 sums over 200k elements in TF's kernels make
     1e-3 loose enough for them and tight enough to catch a wrong formula."""
-    names = ("y", "dx", "dgamma", "dbeta", "moving_mean", "moving_var", "inference y")
-    results = {kind: [t.numpy() for t in f["train"]()] + f["moving"]() + [f["inference"]()
-                                                                          .numpy()]
+    names = ("y", "dx", "dgamma", "dbeta", "moving_mean", "moving_var", "inference y",
+             "eager y", "moving_mean after eager", "moving_var after eager")
+    results = {kind: [t.numpy() for t in f["train"]()] + f["moving"]()
+               + [f["inference"]().numpy(), f["eager"]().numpy()] + f["moving"]()
                for kind, f in fns.items()}
     want = results.get("stock")
     for kind, got in results.items():
-        for name, a, b in zip(names, got, want):
+        for name, a, b in zip(names, got, want, strict=True):
             check_close(f"{kind} vs stock: {name}", a, b.astype(np.float64), tol)
 
 
-def best_of_interleaved(fns, repeat=10, min_seconds=0.02):
-    """``{name: seconds per call}``, the fastest of ``repeat`` runs of each function.
-
-    Like `_common.best_of`, but the functions take turns run by run, so a change of load
-    on a shared machine hits all of them alike and their ratios stay meaningful.
-    """
-    timers = {name: timeit.Timer(fn) for name, fn in fns.items()}
-    numbers = {}
-    for name, timer in timers.items():
-        timer.timeit(1)  # warm-up (tracing, kernel compilation, first-touch pages)
-        numbers[name] = max(1, int(min_seconds / max(timer.timeit(1), 1e-9)))
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeat):
-        for name, timer in timers.items():
-            best[name] = min(best[name], timer.timeit(numbers[name]) / numbers[name])
-    return best
-
-
-def keras_timings(fns, repeat=10):
-    """``{(kind, op): seconds}``: best of ``repeat`` for every function built, in turns."""
-    flat = {(kind, op): f[op] for kind, f in fns.items() for op in ("train", "inference")}
-    return best_of_interleaved(flat, repeat)
+#: the calls `bench_keras` and `keras_report` time for each kind
+TIMED = ("train", "inference", "eager")
 
 
 def glue_fn(shape, axis, dtype):

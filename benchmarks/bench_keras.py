@@ -2,9 +2,11 @@
 
 * `KerasLayer`: one training step inside a ``tf.function`` (forward with batch
   statistics, moving-average update, backward to x, gamma and beta through
-  ``tape.gradient`` of ``sum(y * w)``) and inference, for the stock Keras 3 layer, ours,
-  and TF's fused op (``FusedBatchNormV3`` + its gradient, Keras's moving update), plus the
-  speed-up ratios. Setup checks that all three agree with the stock layer first.
+  ``tape.gradient`` of ``sum(y * w)``), inference inside a ``tf.function``, and an eager
+  training-mode call (forward + moving update, no ``tf.function``), for the stock Keras 3
+  layer, ours, and TF's fused op (``FusedBatchNormV3`` + its gradient, Keras's moving
+  update), plus the speed-up ratios. Setup checks that all three agree with the stock
+  layer first.
 * `Bridge`: what ``tf.numpy_function`` itself costs: per call on a tiny tensor, and at
   51 MB whether TensorFlow copies the returned array (it does unless 64-byte aligned).
 
@@ -18,9 +20,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from ._common import best_of_interleaved  # noqa: E402
 from ._keras_common import (  # noqa: E402
-    KERAS_CASES, best_of_interleaved, bridge_fns, bridge_overhead, build_fns,
-    check_agreement, zero_copy,
+    KERAS_CASES, bridge_fns, bridge_overhead, build_fns, check_agreement, zero_copy,
 )
 
 
@@ -68,6 +70,15 @@ class KerasLayer:
     def time_inference_fused(self, case):
         self.fns["fused"]["inference"]()
 
+    def time_eager_stock(self, case):
+        self.fns["stock"]["eager"]()
+
+    def time_eager_numbabn(self, case):
+        self.fns["numbabn"]["eager"]()
+
+    def time_eager_fused(self, case):
+        self.fns["fused"]["eager"]()
+
     def _speedup(self, other, op):
         t = best_of_interleaved({k: self.fns[k][op] for k in (other, "numbabn")})
         return t[other] / t["numbabn"]
@@ -84,10 +95,18 @@ class KerasLayer:
     def track_speedup_vs_fused_inference(self, case):
         return self._speedup("fused", "inference")
 
+    def track_speedup_vs_stock_eager(self, case):
+        return self._speedup("stock", "eager")
+
+    def track_speedup_vs_fused_eager(self, case):
+        return self._speedup("fused", "eager")
+
     track_speedup_vs_stock_train.unit = "x"
     track_speedup_vs_fused_train.unit = "x"
     track_speedup_vs_stock_inference.unit = "x"
     track_speedup_vs_fused_inference.unit = "x"
+    track_speedup_vs_stock_eager.unit = "x"
+    track_speedup_vs_fused_eager.unit = "x"
 
 
 class Bridge:

@@ -3,13 +3,25 @@
 * `Kernels`: wall time of each kernel, writing into a preallocated ``out``.
 * `PeakMem`: peak memory of the allocating calls.
 * `BandwidthFloor`: kernel time over the time its bytes take at copy bandwidth.
-* `VersusTensorFlow`: TensorFlow's fused batch norm on the same inputs.
+* `Peers`: numbabn, TensorFlow's fused batch norm and a plain NumPy implementation on
+  the same inputs, and the speed-ups.
+* `Scaling`: time against input size, 10^4 to 10^8 elements: where the per-call
+  overhead ends and memory bandwidth takes over.
+* `Threads`: 1 thread against 2.
 * `FirstCall`: import + compile (or cache load) + first call, in a new process.
 
-Every setup checks the kernels against a float64 NumPy reference before anything is
-timed (``_common.checked_inputs``), so a wrong kernel fails its benchmarks instead of
-being timed. asv imports this file as ``benchmarks.bench_kernels``, hence the relative
-import of the shared helpers (``report.py`` uses them too).
+Cases (``_common.CASES``): NHWC and NCHW 4-D, a 2-D (N, C), float16 NHWC and float64
+(N, C), all ~13 M elements, and a cache-sized NHWC in float32 and float64.
+
+The kernels are checked against a float64 NumPy reference before anything is timed,
+so a wrong kernel fails its benchmarks instead of being timed: in asv's ``setup_cache``
+(`check_cases`, shared by the classes: asv runs it once per commit, before their
+benchmarks, and fails them all if it raises), since the check of all cases takes ~20 s
+and asv starts a new process for every benchmark. The inputs are seeded, and the kernels
+deterministic, so each benchmark's ``setup`` regenerates exactly the checked data.
+
+asv imports this file as ``benchmarks.bench_kernels``, hence the relative import of the
+shared helpers (``report.py`` uses them too).
 """
 
 import os
@@ -18,15 +30,60 @@ import os
 # library's kernel slow the other library's next operation.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ._common import (  # noqa: E402
-    CASES, best_of, check_tf, checked_inputs, copy_bandwidth, first_call_cold,
-    first_call_warm, floor_seconds, numbabn_ops, tf_ops,
+    BYTES_MOVED, CASES, EPS, SMALL_RUN, best_of, best_of_interleaved, check_peer,
+    checked_inputs, copy_bandwidth, first_call_cold, first_call_warm,
+    floor_seconds, make_inputs, numbabn_ops, tf_ops,
 )
+from ._numpy_bn import numpy_ops  # noqa: E402
 
 ALL_CASES = list(CASES)
-LARGE_CASES = ["nhwc", "nchw"]  # bandwidth-bound sizes; the small ones fit in cache
+#: bandwidth-bound sizes; the small ones fit in cache
+LARGE_CASES = ["nhwc", "nchw", "nc", "nhwc-f16", "nc-f64"]
+#: the cases every peer runs (TF's fused op has no float64)
+PEER_CASES = ["nhwc", "nchw", "nc", "nhwc-f16", "small"]
+
+
+def check_cases():
+    """Check numbabn on every case against float64 (``setup_cache`` of the classes).
+
+    Returns the names checked: asv passes a setup_cache's result, unless None, as the
+    first argument of ``setup`` and of every benchmark (the ``_`` there).
+    """
+    for case in CASES.values():
+        checked_inputs(*case)
+    return list(CASES)
+
+
+check_cases.timeout = 600
+
+
+def check_peers():
+    """numbabn, the NumPy peer and TF's fused op on `PEER_CASES`, against float64.
+
+    Without TensorFlow its check is left out; `Peers.setup` then skips the class.
+    Returns the names checked (see `check_cases`).
+    """
+    for case in PEER_CASES:
+        inp, ref = checked_inputs(*CASES[case])
+        check_peer("NumPy", numpy_ops(inp, EPS), ref)
+        try:
+            tf = tf_ops(inp)
+        except NotImplementedError:
+            continue
+        check_peer("TF", tf, ref)
+    return PEER_CASES
+
+
+check_peers.timeout = 600
+
+
+def inputs(case):
+    """The seeded inputs of a case, checked by `check_cases` in asv's setup_cache."""
+    return make_inputs(*CASES[case])
 
 
 class Kernels:
@@ -34,23 +91,25 @@ class Kernels:
 
     params = [ALL_CASES]
     param_names = ["case"]
-    timeout = 300  # setup generates and checks 100 MB of inputs
+    timeout = 300
 
-    def setup(self, case):
-        self.inp, _ = checked_inputs(*CASES[case])
+    setup_cache = staticmethod(check_cases)
+
+    def setup(self, _, case):
+        self.inp = inputs(case)
         self.out = np.empty_like(self.inp["x"])
         self.ops = numbabn_ops(self.inp, self.out)
 
-    def time_train(self, case):
+    def time_train(self, _, case):
         self.ops["train"]()
 
-    def time_inference(self, case):
+    def time_inference(self, _, case):
         self.ops["inference"]()
 
-    def time_backward(self, case):
+    def time_backward(self, _, case):
         self.ops["backward"]()
 
-    def time_stats(self, case):
+    def time_stats(self, _, case):
         """The statistics pass alone (half of the training forward's reads)."""
         self.ops["stats"]()
 
@@ -58,25 +117,33 @@ class Kernels:
 class PeakMem:
     """Peak memory of the allocating calls.
 
-    asv reports the whole process's peak: interpreter, loaded kernels, inputs (x, dy),
-    the checked setup and the call. Kept apart from `Kernels` so that no preallocated
-    ``out`` adds to it; the setup's own peak (one output plus small reference slabs)
-    stays below the call's plus one more full-size array, so a new temporary shows.
+    asv reports the whole process's peak: interpreter, loaded kernels, inputs (x, dy)
+    and the call (the float64 check ran in another process, `check_cases`). Kept apart
+    from `Kernels` so that no preallocated ``out`` adds to it: a new full-size temporary
+    in a kernel shows as a step of ``x.nbytes``.
     """
 
     params = [ALL_CASES]
     param_names = ["case"]
     timeout = 300
 
-    def setup(self, case):
-        self.inp, _ = checked_inputs(*CASES[case])
+    setup_cache = staticmethod(check_cases)
+
+    def setup(self, _, case):
+        self.inp = inputs(case)
         self.ops = numbabn_ops(self.inp, None)
 
-    def peakmem_train(self, case):
+    def peakmem_train(self, _, case):
         self.ops["train"]()
 
-    def peakmem_backward(self, case):
+    def peakmem_inference(self, _, case):
+        self.ops["inference"]()
+
+    def peakmem_backward(self, _, case):
         self.ops["backward"]()
+
+    def peakmem_stats(self, _, case):
+        self.ops["stats"]()
 
 
 class BandwidthFloor:
@@ -93,8 +160,10 @@ class BandwidthFloor:
     param_names = ["case"]
     timeout = 300
 
-    def setup(self, case):
-        self.inp, _ = checked_inputs(*CASES[case])
+    setup_cache = staticmethod(check_cases)
+
+    def setup(self, _, case):
+        self.inp = inputs(case)
         self.out = np.empty_like(self.inp["x"])
         self.ops = numbabn_ops(self.inp, self.out)
 
@@ -107,16 +176,16 @@ class BandwidthFloor:
         bandwidth = max(before, copy_bandwidth(x, self.out))
         return t / floor_seconds(op, x.nbytes, bandwidth)
 
-    def track_floor_ratio_train(self, case):
+    def track_floor_ratio_train(self, _, case):
         return self._ratio("train")
 
-    def track_floor_ratio_inference(self, case):
+    def track_floor_ratio_inference(self, _, case):
         return self._ratio("inference")
 
-    def track_floor_ratio_backward(self, case):
+    def track_floor_ratio_backward(self, _, case):
         return self._ratio("backward")
 
-    def track_copy_bandwidth(self, case):
+    def track_copy_bandwidth(self, _, case):
         return copy_bandwidth(self.inp["x"], self.out) / 1e9
 
     track_floor_ratio_train.unit = "x floor"
@@ -125,52 +194,200 @@ class BandwidthFloor:
     track_copy_bandwidth.unit = "GB/s"
 
 
-class VersusTensorFlow:
-    """``tf.raw_ops.FusedBatchNormV3`` / ``FusedBatchNormGradV3`` on the same inputs.
+class Peers:
+    """numbabn, TensorFlow's fused kernel and plain NumPy doing the same work.
 
-    Both layouts run: TF's CPU kernel takes NCHW by transposing internally, which is
-    TF's own cost (see ``_common.tf_ops``). Setup raises NotImplementedError, which
-    asv reports as skipped, when TensorFlow is not installed.
+    * ``tf_fused``: ``tf.raw_ops.FusedBatchNormV3`` / ``FusedBatchNormGradV3``. TF's CPU
+      kernel takes NCHW by transposing internally, which is TF's own cost (see
+      ``_common.tf_ops``); (N, C) runs as (N, 1, 1, C).
+    * ``numpy``: vectorized NumPy expressions (``_numpy_bn``), as a user writes them.
+    * ``numbabn``: the *allocating* calls, since both peers allocate their outputs on
+      every call (a fresh 51 MB output costs a few ms of page faults here).
 
-    The speed-up ratios (TF time / numbabn time) compare numbabn's *allocating* calls:
-    TF allocates its outputs on every call, and a fresh 51 MB output costs a few ms of
-    page faults, so comparing with ``out=`` timings would flatter numbabn.
+    Both peers are checked against the float64 reference first (`check_peers`).
+    ``track_speedup_*`` are a peer's time over numbabn's, both best of 10, measured in
+    turns.
     """
 
-    params = [LARGE_CASES]
+    params = [PEER_CASES]
     param_names = ["case"]
     timeout = 300
 
-    def setup(self, case):
-        self.inp, ref = checked_inputs(*CASES[case])
-        self.tf = tf_ops(self.inp)
-        check_tf(self.tf, ref)
-        self.nb = numbabn_ops(self.inp, None)
+    setup_cache = staticmethod(check_peers)
 
-    def time_tf_fused_train(self, case):
-        self.tf["train"]()
+    def setup(self, _, case):
+        self.inp = inputs(case)
+        self.ops = {"numbabn": numbabn_ops(self.inp, None),
+                    "numpy": numpy_ops(self.inp, EPS),
+                    "tf_fused": tf_ops(self.inp)}  # NotImplementedError: skipped
 
-    def time_tf_fused_inference(self, case):
-        self.tf["inference"]()
+    def time_numbabn_train(self, _, case):
+        self.ops["numbabn"]["train"]()
 
-    def time_tf_fused_backward(self, case):
-        self.tf["backward"]()
+    def time_numbabn_inference(self, _, case):
+        self.ops["numbabn"]["inference"]()
 
-    def _speedup(self, op):
-        return best_of(self.tf[op]) / best_of(self.nb[op])
+    def time_numbabn_backward(self, _, case):
+        self.ops["numbabn"]["backward"]()
 
-    def track_speedup_vs_tf_train(self, case):
-        return self._speedup("train")
+    def time_tf_fused_train(self, _, case):
+        self.ops["tf_fused"]["train"]()
 
-    def track_speedup_vs_tf_inference(self, case):
-        return self._speedup("inference")
+    def time_tf_fused_inference(self, _, case):
+        self.ops["tf_fused"]["inference"]()
 
-    def track_speedup_vs_tf_backward(self, case):
-        return self._speedup("backward")
+    def time_tf_fused_backward(self, _, case):
+        self.ops["tf_fused"]["backward"]()
+
+    def time_numpy_train(self, _, case):
+        self.ops["numpy"]["train"]()
+
+    def time_numpy_inference(self, _, case):
+        self.ops["numpy"]["inference"]()
+
+    def time_numpy_backward(self, _, case):
+        self.ops["numpy"]["backward"]()
+
+    def _speedup(self, peer, op):
+        t = best_of_interleaved({k: self.ops[k][op] for k in (peer, "numbabn")})
+        return t[peer] / t["numbabn"]
+
+    def track_speedup_vs_tf_train(self, _, case):
+        return self._speedup("tf_fused", "train")
+
+    def track_speedup_vs_tf_inference(self, _, case):
+        return self._speedup("tf_fused", "inference")
+
+    def track_speedup_vs_tf_backward(self, _, case):
+        return self._speedup("tf_fused", "backward")
+
+    def track_speedup_vs_numpy_train(self, _, case):
+        return self._speedup("numpy", "train")
+
+    def track_speedup_vs_numpy_inference(self, _, case):
+        return self._speedup("numpy", "inference")
+
+    def track_speedup_vs_numpy_backward(self, _, case):
+        return self._speedup("numpy", "backward")
 
     track_speedup_vs_tf_train.unit = "x"
     track_speedup_vs_tf_inference.unit = "x"
     track_speedup_vs_tf_backward.unit = "x"
+    track_speedup_vs_numpy_train.unit = "x"
+    track_speedup_vs_numpy_inference.unit = "x"
+    track_speedup_vs_numpy_backward.unit = "x"
+
+
+#: elements of the `Scaling` inputs, (n / 100, 100) float32: four decades
+SIZES = [10 ** 3, 10 ** 4, 10 ** 5] if SMALL_RUN else [10 ** k for k in range(4, 9)]
+
+
+def _scaling_case(elements):
+    return (elements // 100, 100), 1, np.float32
+
+
+class Scaling:
+    """Time against input size: float32 (n / 100, 100), 10^4 to 10^8 elements.
+
+    Below ``numbabn.config.SERIAL_BELOW`` (2^19) elements the kernels run on the calling
+    thread and the ~50 us of Python around each call dominates; from ~10^6 elements on
+    the time grows with the bytes. ``track_gbps_*`` is the bytes the operation must
+    move (``_common.BYTES_MOVED``) over its time: flat once bandwidth-bound, and to be
+    read against `BandwidthFloor.track_copy_bandwidth`.
+
+    The float64 check runs once for all sizes, in ``setup_cache`` (asv runs it once and
+    fails every benchmark of the class if it raises): at 10^8 elements it takes ~30 s,
+    too long to repeat in each benchmark's process.
+    """
+
+    params = [SIZES]
+    param_names = ["elements"]
+    timeout = 900
+
+    def setup_cache(self):
+        for elements in SIZES:
+            checked_inputs(*_scaling_case(elements))
+        return SIZES  # not None, so asv passes it on (see `check_cases`)
+
+    def setup(self, _, elements):
+        self.inp = make_inputs(*_scaling_case(elements))
+        self.out = np.empty_like(self.inp["x"])
+        self.ops = numbabn_ops(self.inp, self.out)
+
+    def time_train(self, _, elements):
+        self.ops["train"]()
+
+    def time_inference(self, _, elements):
+        self.ops["inference"]()
+
+    def time_backward(self, _, elements):
+        self.ops["backward"]()
+
+    def _gbps(self, op):
+        return BYTES_MOVED[op] * self.inp["x"].nbytes / best_of(self.ops[op]) / 1e9
+
+    def track_gbps_train(self, _, elements):
+        return self._gbps("train")
+
+    def track_gbps_backward(self, _, elements):
+        return self._gbps("backward")
+
+    track_gbps_train.unit = "GB/s"
+    track_gbps_backward.unit = "GB/s"
+
+
+class Threads:
+    """1 thread against 2 (``numba.set_num_threads``) on the large 4-D cases.
+
+    Results are bitwise the same at any thread count (tests/test_threads.py); only the
+    time changes. ``track_speedup_over_1_thread_*`` is the 1-thread time over this
+    thread count's, measured in turns (1.0 at 1 thread). Needs 2 Numba threads
+    (NUMBA_NUM_THREADS), otherwise skipped.
+    """
+
+    params = [["nhwc", "nchw"], [1, 2]]
+    param_names = ["case", "threads"]
+    timeout = 300
+
+    setup_cache = staticmethod(check_cases)
+
+    def setup(self, _, case, threads):
+        if numba.config.NUMBA_NUM_THREADS < threads:
+            raise NotImplementedError(f"needs {threads} Numba threads")
+        self.inp = inputs(case)
+        self.out = np.empty_like(self.inp["x"])
+        self.ops = numbabn_ops(self.inp, self.out)
+        self.previous = numba.get_num_threads()
+        numba.set_num_threads(threads)
+
+    def teardown(self, _, case, threads):
+        numba.set_num_threads(self.previous)
+
+    def time_train(self, _, case, threads):
+        self.ops["train"]()
+
+    def time_backward(self, _, case, threads):
+        self.ops["backward"]()
+
+    def _speedup(self, op, threads):
+        def on(n):
+            def run():
+                numba.set_num_threads(n)
+                self.ops[op]()
+            return run
+
+        t = best_of_interleaved({1: on(1), threads: on(threads)})
+        numba.set_num_threads(threads)
+        return t[1] / t[threads]
+
+    def track_speedup_over_1_thread_train(self, _, case, threads):
+        return self._speedup("train", threads)
+
+    def track_speedup_over_1_thread_backward(self, _, case, threads):
+        return self._speedup("backward", threads)
+
+    track_speedup_over_1_thread_train.unit = "x"
+    track_speedup_over_1_thread_backward.unit = "x"
 
 
 class FirstCall:

@@ -25,18 +25,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 if __package__:  # imported by asv's benchmark discovery, as benchmarks.keras_report
     from ._keras_common import (
-        KERAS_CASES, best_of_interleaved, bridge_timings, build_fns, check_agreement,
-        glue_fn, kernel_fns, thread_info, zero_copy,
+        KERAS_CASES, TIMED, bridge_timings, build_fns, check_agreement, glue_fn, kernel_fns,
+        thread_info, zero_copy,
     )
-    from ._common import markdown_table
+    from ._common import best_of_interleaved, markdown_table
     from .report import cpu_model
 else:  # run as a script: make the repository root (benchmarks/, numbabn/) importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks._keras_common import (
-        KERAS_CASES, best_of_interleaved, bridge_timings, build_fns, check_agreement,
-        glue_fn, kernel_fns, thread_info, zero_copy,
+        KERAS_CASES, TIMED, bridge_timings, build_fns, check_agreement, glue_fn, kernel_fns,
+        thread_info, zero_copy,
     )
-    from benchmarks._common import markdown_table
+    from benchmarks._common import best_of_interleaved, markdown_table
     from benchmarks.report import cpu_model
 
 import numpy as np  # noqa: E402
@@ -49,13 +49,13 @@ def measure(name, shape, axis, dtype, repeat):
     """Check agreement, then time every (kind, op), in turns; returns rows and notes."""
     fns = build_fns(shape, axis, dtype)
     check_agreement(fns)  # raises AssertionError before timing if a layer is wrong
-    flat = {(kind, op): f[op] for kind, f in fns.items() for op in ("train", "inference")}
+    flat = {(kind, op): f[op] for kind, f in fns.items() for op in TIMED}
     flat.update({("alone", op): f for op, f in kernel_fns(shape, axis, dtype).items()})
     flat["glue"] = glue_fn(shape, axis, dtype)
     t = best_of_interleaved(flat, repeat)
     label = f"{name.upper()} {shape}"
     rows = []
-    for op in ("train", "inference"):
+    for op in TIMED:
         stock, ours, fused = (t[(k, op)] for k in ("stock", "numbabn", "fused"))
         rows.append([label, op, f"{stock * 1e3:.3f}", f"{ours * 1e3:.3f}",
                      f"{fused * 1e3:.3f}", f"{stock / ours:.2f}", f"{fused / ours:.2f}"])
@@ -98,14 +98,16 @@ def main(argv=None):
     print(markdown(rows))
     print()
     print("\n".join([
-        f"- Best of {args.repeat} calls of a tf.function. train: forward with batch "
+        f"- Best of {args.repeat} calls. train, in a tf.function: forward with batch "
         "statistics + moving-average update + gradients to x, gamma, beta "
-        "(tape.gradient of sum(y * w), w fixed); inference: training=False.",
+        "(tape.gradient of sum(y * w), w fixed); inference: training=False in a "
+        "tf.function; eager: one training=True call outside tf.function (y + moving "
+        "update, no gradient).",
         "- stock: keras.layers.BatchNormalization (Keras 3: tf.nn.moments + "
         "tf.nn.batch_normalization, unfused). numbabn: keras_layer.BatchNormalization. "
         "fused: tf.raw_ops.FusedBatchNormV3 + FusedBatchNormGradV3, moving update as Keras.",
         "- speed-up = stock (or fused) ms / numbabn ms. All three were checked against the "
-        "stock layer first (y, dx, dgamma, dbeta, moving statistics, inference y).",
+        "stock layer first (y, dx, dgamma, dbeta, moving statistics, inference y, eager y).",
     ] + [f"- {note}" for note in notes]))
 
     us = lambda s: f"{s * 1e6:.0f} us"  # noqa: E731

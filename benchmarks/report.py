@@ -22,14 +22,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if __package__:  # imported by asv's benchmark discovery, as benchmarks.report
     from ._common import (
-        BYTES_MOVED, CASES, best_of, check_tf, checked_inputs, copy_bandwidth,
+        BYTES_MOVED, CASES, best_of, check_peer, checked_inputs, copy_bandwidth,
         first_call_cold, first_call_warm, floor_seconds, markdown_table, numbabn_ops,
         tf_ops,
     )
 else:  # run as a script: make the repository root (benchmarks/ and numbabn/) importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks._common import (
-        BYTES_MOVED, CASES, best_of, check_tf, checked_inputs, copy_bandwidth,
+        BYTES_MOVED, CASES, best_of, check_peer, checked_inputs, copy_bandwidth,
         first_call_cold, first_call_warm, floor_seconds, markdown_table, numbabn_ops,
         tf_ops,
     )
@@ -75,7 +75,7 @@ def measure(label, shape, axis, dtype, repeat):
     notes = []
     try:
         tf = tf_ops(inp)
-        check_tf(tf, ref)
+        check_peer("TF", tf, ref)
     except NotImplementedError as exc:
         tf = {}
         notes.append(f"{label}: TensorFlow not timed ({exc})")
@@ -143,7 +143,7 @@ def main(argv=None):
         "- TF fused: tf.raw_ops.FusedBatchNormV3 (train, inference) and "
         "FusedBatchNormGradV3 (backward) with the case's data_format; TF's CPU kernel "
         "transposes NCHW to NHWC and back inside the op.",
-        "- stats: the statistics pass alone (numbabn._cpu.channel_stats), no TF "
+        "- stats: the statistics pass alone (numbabn.stages.batch_moments), no TF "
         "counterpart.",
     ]))
     for note in notes:

@@ -16,9 +16,13 @@ def test_every_benchmark_runs_once_on_small_inputs():
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     ran = report["ran"]
-    for suite in ("bench_kernels", "bench_keras"):
-        assert any(name.startswith(suite) for name in ran), suite
-    assert len(ran) >= 40
+    for suite in ("bench_kernels", "bench_keras", "bench_cuda"):
+        assert any(name.startswith(suite) for name in report["classes"]), suite
+    # every CPU class ran (the GPU ones need a GPU)
+    for cls in report["classes"]:
+        if not cls.startswith("bench_cuda"):
+            assert any(name.startswith(cls + ".") for name in ran), cls
+    assert len(ran) >= 200
     # only the GPU suite may decline, and only for want of a GPU
     for name, why in report["declined"].items():
         assert name.startswith("bench_cuda"), (name, why)
