@@ -47,10 +47,11 @@ def numpy_ops(inp, eps):
         return y.astype(x.dtype, copy=False)
 
     def backward():
+        g = dy.astype(dt, copy=False)  # float16 * n overflows (n > 65504 / |dy|)
         xhat = (x - mean0) * invstd0
-        dbeta = dy.sum(axis=red, dtype=dt, keepdims=True)
-        dgamma = (dy * xhat).sum(axis=red, dtype=dt, keepdims=True)
-        dx = (gamma * invstd0 / n) * (n * dy - dbeta - xhat * dgamma)
+        dbeta = g.sum(axis=red, keepdims=True)
+        dgamma = (g * xhat).sum(axis=red, keepdims=True)
+        dx = (gamma * invstd0 / n) * (n * g - dbeta - xhat * dgamma)
         return dx.astype(x.dtype, copy=False), dgamma, dbeta
 
     return {"train": train, "inference": inference, "backward": backward, "stats": stats}
