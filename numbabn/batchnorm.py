@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _cpu, _device
+from . import _cpu, _device, _half
 from . import _validation as check
 
 
@@ -61,18 +61,18 @@ class BatchStats(NamedTuple):
 
 
 def _kernel_dtype(a, backend):
-    """float16 is computed in float32 on the CPU (one converted copy); the rest natively."""
-    return a.astype(np.float32) if a.dtype == np.float16 and not backend.NATIVE_FLOAT16 else a
+    """float16 is computed in float32 on the CPU (one converted copy, see `_half`); the
+    rest natively."""
+    if a.dtype == np.float16 and not backend.NATIVE_FLOAT16:
+        return _half.to_float32(a)
+    return a
 
 
 def _to_output(y, dtype, out):
     """Return a float32 result of a float16 call as float16, into ``out`` if given."""
     if y.dtype == dtype:
         return y
-    if out is None:
-        return y.astype(dtype)
-    np.copyto(out, y, casting="same_kind")
-    return out
+    return _half.to_float16(y, out)
 
 
 def _direct_out(out, x, backend):
