@@ -6,9 +6,9 @@ without a copy when the array's data are aligned to 64 bytes (``_aligned_empty``
 TensorFlow copies anything less aligned than Eigen wants). Executed eagerly, a
 ``numpy_function`` copies its inputs and outputs (51 MB: 50 of a 65 ms call), so eager
 calls on CPU tensors pass the buffers through DLPack instead, both ways without a copy
-(`_call`). Gradients are ``tf.custom_gradient`` functions whose backward runs numbabn's closed-form
-kernel; the forward saves only the per-channel mean and ``invstd`` (float64), never a
-full-size intermediate.
+(`_call`). Gradients are ``tf.custom_gradient`` functions whose backward runs numbabn's
+closed-form kernel; the forward saves only the per-channel mean and ``invstd`` (float64),
+never a full-size intermediate.
 """
 
 import numpy as np
