@@ -16,16 +16,23 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.demo: $(BIN)/python pyproject.toml
+# each environment also builds numbabn's TensorFlow op (keras_layer/_native; ~20 s once,
+# skipped with a note where there is no C++ compiler)
+OP_SOURCE := keras_layer/_native/numbabn_ops.cc
+
+$(VENV)/.demo: $(BIN)/python pyproject.toml $(OP_SOURCE)
 	$(BIN)/pip install --quiet -e ".[demo]"
+	$(BIN)/python -m keras_layer._native
 	touch $@
 
-$(VENV)/.test: $(BIN)/python pyproject.toml
+$(VENV)/.test: $(BIN)/python pyproject.toml $(OP_SOURCE)
 	$(BIN)/pip install --quiet -e ".[test,demo]"
+	$(BIN)/python -m keras_layer._native
 	touch $@
 
-$(VENV)/.bench: $(BIN)/python pyproject.toml
+$(VENV)/.bench: $(BIN)/python pyproject.toml $(OP_SOURCE)
 	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python -m keras_layer._native
 	touch $@
 
 ## demo: LeNet with BN on digits in Keras, stock layer vs numbabn's, prints the comparison

@@ -1,20 +1,32 @@
 """TensorFlow ops that run the numbabn kernels: forward, inference and their gradients.
 
-Inside graphs (``tf.function``, ``model.fit``) the bridge is ``tf.numpy_function``:
-TensorFlow hands its CPU buffers to NumPy without a copy, and takes back a NumPy array
-without a copy when the array's data are aligned to 64 bytes (``_aligned_empty``;
-TensorFlow copies anything less aligned than Eigen wants). Executed eagerly, a
-``numpy_function`` copies its inputs and outputs (51 MB: 50 of a 65 ms call), so eager
-calls on CPU tensors pass the buffers through DLPack instead, both ways without a copy
-(`_call`). Gradients are ``tf.custom_gradient`` functions whose backward runs numbabn's
-closed-form kernel; the forward saves only the per-channel mean and ``invstd`` (float64),
-never a full-size intermediate.
+Two bridges, one maths:
+
+* **The compiled op** (``keras_layer._native``), used whenever it loads: three C++ ops
+  that call numbabn's Numba-compiled C entry points on buffers TensorFlow allocates. No
+  Python or GIL per call, outputs from TensorFlow's allocator (reused memory, no fresh
+  pages), an output may reuse its input's buffer, and eager calls cost what any
+  TensorFlow op costs. float32 and float64.
+* **``tf.numpy_function``**, for float16 and wherever the op cannot be built or used
+  (see ``_native``): TensorFlow hands its CPU buffers to NumPy without a copy, and takes
+  back a NumPy array without a copy when the array's data are aligned to 64 bytes
+  (``_aligned_empty``; TensorFlow copies anything less aligned than Eigen wants).
+  Executed eagerly, a ``numpy_function`` copies its inputs and outputs (51 MB: 50 of a
+  65 ms call), so eager calls on CPU tensors pass the buffers through DLPack instead,
+  both ways without a copy (`_call`).
+
+Gradients are ``tf.custom_gradient`` functions whose backward runs numbabn's closed-form
+kernel; the forward saves only the per-channel mean and ``invstd`` (float64), never a
+full-size intermediate. Both bridges give bitwise the same results (the tests compare).
 """
 
 import numpy as np
 import tensorflow as tf
 
 import numbabn as nbn
+from numbabn import stages
+
+from . import _native
 
 _ALIGN = 64
 
@@ -131,6 +143,9 @@ def train(x, gamma, beta, axis, epsilon):
     mean, var : tf.Tensor, float64, shape (C,)
         Batch statistics; not differentiable (they feed the moving averages).
     """
+    ops = _native_ops(x)
+    if ops is not None:
+        return _train_native(ops, x, gamma, beta, axis, epsilon)
     flags = (gamma is not None, beta is not None)
     params = [p for p in (gamma, beta) if p is not None]
     channels = x.shape[axis]
@@ -177,6 +192,7 @@ def inference(x, gamma, beta, moving_mean, moving_var, axis, epsilon):
     """
     flags = (gamma is not None, beta is not None)
     params = [p for p in (gamma, beta) if p is not None]
+    ops = _native_ops(x)
     rank = x.shape.rank
     bshape = [1] * rank
     bshape[axis] = -1
@@ -189,10 +205,20 @@ def inference(x, gamma, beta, moving_mean, moving_var, axis, epsilon):
             y = _aligned_empty(x_np.shape, x_np.dtype)
             if x_np.size == 0:  # an empty batch (no detections, say) normalizes to itself
                 return y
-            return nbn.batch_norm_inference(x_np, g, b, mm, mv, axis=axis, eps=epsilon, out=y)
+            # the stock layer's formula for any moving variance, NaN where var + eps < 0
+            # (a checkpoint may hold one; batch_norm_inference would refuse it)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                invstd = 1.0 / np.sqrt(mv.astype(np.float64) + epsilon)
+            return stages.batch_norm_apply(x_np, g, b, mm, invstd, axis=axis, out=y)
 
-        y = _call(forward, [x, moving_mean, moving_var, *params], x.dtype,
-                  "numbabn_inference")
+        if ops is not None:
+            g, b = _native_params(gamma, beta, x)
+            y = ops.numbabn_inference(x, g, b, tf.cast(moving_mean, g.dtype),
+                                      tf.cast(moving_var, g.dtype),
+                                      tf.constant(epsilon, tf.float64), axis=axis)
+        else:
+            y = _call(forward, [x, moving_mean, moving_var, *params], x.dtype,
+                      "numbabn_inference")
         y = _static_shape(y, x)
 
         def grad(dy):
@@ -216,3 +242,49 @@ def inference(x, gamma, beta, moving_mean, moving_var, axis, epsilon):
         return y, grad
 
     return op(x, moving_mean, moving_var, *params)
+
+
+# ------------------------------------------------------------------ the compiled op
+
+def _native_ops(x):
+    """The compiled op module for this input, or None (float16, or no op: `_native`)."""
+    if x.dtype not in (tf.float32, tf.float64):
+        return None
+    return _native.load()
+
+
+def _native_params(gamma, beta, x):
+    """gamma and beta for the op: one float dtype, an empty vector for an absent one."""
+    dtype = next((p.dtype for p in (gamma, beta) if p is not None), x.dtype)
+    empty = tf.zeros([0], dtype)
+    return (empty if gamma is None else tf.cast(gamma, dtype),
+            empty if beta is None else tf.cast(beta, dtype))
+
+
+def _train_native(ops, x, gamma, beta, axis, epsilon):
+    """`train` on the compiled op: same outputs, gradients and guards."""
+    if x.shape.num_elements() == 0:  # known now: refuse as numbabn's API does
+        raise ValueError(f"empty batch: x has shape {tuple(x.shape)}, so each of its "
+                         f"{x.shape[axis]} channels (axis {axis}) has no elements")
+    flags = (gamma is not None, beta is not None)
+    params = [p for p in (gamma, beta) if p is not None]
+    eps = tf.constant(epsilon, tf.float64)
+
+    @tf.custom_gradient
+    def op(x, *params):
+        g, b = _native_params(*_channel_params(params, flags), x)
+        y, mean, var, invstd = ops.numbabn_train(x, g, b, eps, axis=axis)
+
+        def grad(dy, *_unused):  # no gradient flows into mean/var: see stop_gradient below
+            dx, dgamma, dbeta = ops.numbabn_train_grad(dy, x, mean, invstd, g, axis=axis)
+            grads = [dx]
+            if flags[0]:
+                grads.append(tf.cast(dgamma, params[0].dtype))
+            if flags[1]:
+                grads.append(tf.cast(dbeta, params[-1].dtype))
+            return _first_order_only(grads, [dy, x])
+
+        return (y, mean, var), grad
+
+    y, mean, var = op(x, *params)
+    return y, tf.stop_gradient(mean), tf.stop_gradient(var)

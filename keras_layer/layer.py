@@ -1,11 +1,14 @@
 """``keras_layer.BatchNormalization``: Keras 3's layer with numbabn kernels inside."""
 
+import inspect
 import warnings
 
 import keras
 from keras import ops
 
 _FUSED_NOTE_SHOWN = False
+
+_STOCK = keras.layers.BatchNormalization
 
 
 def _require_tensorflow():
@@ -27,8 +30,33 @@ def _in_xla_context():
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
+def _init_signature(stock_init, own_init):
+    """The stock ``__init__``'s signature plus ``fused=None`` (keyword-only, before
+    ``**kwargs``): what ``own_init(self, *args, fused=None, **kwargs)`` accepts, since
+    it hands ``*args`` and ``**kwargs`` on to the stock ``__init__``."""
+    params = list(inspect.signature(stock_init).parameters.values())
+    if "fused" not in (p.name for p in params):
+        fused = inspect.signature(own_init).parameters["fused"]
+        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+        params.insert(at, fused)
+    return inspect.Signature(params)
+
+
+class _ClassOnlySignature:
+    """``inspect.signature(BatchNormalization)`` is the constructor's; an instance has
+    none of its own (its signature stays its ``__call__``'s, as for the stock layer)."""
+
+    def __init__(self, signature):
+        self.signature = signature
+
+    def __get__(self, obj, objtype=None):
+        if obj is not None:
+            raise AttributeError("__signature__")
+        return self.signature
+
+
 @keras.saving.register_keras_serializable(package="numbabn")
-class BatchNormalization(keras.layers.BatchNormalization):
+class BatchNormalization(_STOCK):
     """Drop-in replacement for ``keras.layers.BatchNormalization`` running numbabn kernels.
 
     Same constructor, weights, ``call`` semantics and config as Keras 3's layer (it is a
@@ -44,7 +72,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
     moving_mean_initializer, moving_variance_initializer, beta_regularizer,
     gamma_regularizer, beta_constraint, gamma_constraint, renorm, renorm_clipping,
     renorm_momentum, synchronized, **kwargs
-        As ``keras.layers.BatchNormalization``.
+        As ``keras.layers.BatchNormalization`` (positionally too); the signature is the
+        installed Keras's, read when this module is imported.
     fused : bool or None, optional
         Accepted for Keras 2 code and saved configs and ignored (numbabn is always
         fused); a note says so once.
@@ -55,6 +84,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
     ``jit_compile="auto"`` leaves it off); tracing it inside ``jit_compile=True`` raises
     a clear error. A model holding it cannot be exported as a SavedModel for serving:
     ``keras_layer.convert(model, to="keras")`` gives the same model with stock layers.
+
+    Masks are Keras's: a mask over ``inputs.shape[:-1]`` (what ``Masking``,
+    ``Embedding(mask_zero=True)`` and RNN layers give), or anything that broadcasts to
+    the inputs once expanded at the last axis, whatever ``axis`` is; it weights the
+    training statistics (computed by Keras's own code, in TensorFlow ops) and is
+    ignored in inference.
     """
 
     def __init__(self, *args, fused=None, **kwargs):
@@ -69,6 +104,23 @@ class BatchNormalization(keras.layers.BatchNormalization):
         super().__init__(*args, **kwargs)
         self.supports_jit = False
 
+    __init__.__signature__ = _init_signature(_STOCK.__init__, __init__)
+    __signature__ = _ClassOnlySignature(
+        __init__.__signature__.replace(
+            parameters=list(__init__.__signature__.parameters.values())[1:]))
+
+    def build(self, input_shape):
+        # The stock layer indexes `input_shape[axis]` unchecked (an IndexError).
+        rank = len(input_shape)
+        axes = list(self.axis) if isinstance(self.axis, (list, tuple)) else [self.axis]
+        for axis in axes:
+            if not -rank <= axis < rank:
+                raise ValueError(
+                    f"Layer '{self.name}': axis {axis} is out of range for inputs of rank "
+                    f"{rank}, shape {tuple(input_shape)} (valid axes: {-rank} to "
+                    f"{rank - 1}). Received: axis={self.axis}")
+        super().build(input_shape)
+
     def call(self, inputs, training=None, mask=None):
         from . import _bridge
 
@@ -78,11 +130,16 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 "with XLA (jit_compile=True): it runs numbabn's NumPy kernels. Compile "
                 "without jit_compile, or convert the model with "
                 "keras_layer.convert(model, to='keras').")
-        if mask is not None:
-            self._check_mask(inputs, mask)
-            # Masked statistics run in TensorFlow ops (numbabn has no weighted kernel
-            # yet), through Keras's own code with the axis handling of `_moments`.
+        if (mask is not None and training and self.trainable) or not self._kernels_take(inputs):
+            # Keras's own code (TensorFlow ops): masked statistics (numbabn has no weighted
+            # kernel), with Keras's mask semantics, checks and errors unchanged; and the
+            # inputs the kernels refuse but the stock layer takes (see `_kernels_take`).
             return super().call(inputs, training=training, mask=mask)
+        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+            # Keras's check; past it, inference ignores the mask.
+            raise ValueError(
+                "The mask provided should be one dimension less than the inputs. "
+                f"Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}")
 
         axis = self.axis % len(inputs.shape)
         compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
@@ -105,6 +162,17 @@ class BatchNormalization(keras.layers.BatchNormalization):
                                         ops.cast(self.moving_variance, compute_dtype),
                                         axis, self.epsilon)
         return ops.cast(outputs, self.compute_dtype)
+
+    def _kernels_take(self, inputs):
+        """Whether the numbabn kernels run this call. They need a batch and a channel
+        axis (rank >= 2), at least one channel and a finite ``epsilon > 0``; the stock
+        layer also takes rank-1 inputs (each element its own channel, variance 0), no
+        channels, and any ``epsilon``, and those calls run its code. (An empty batch goes
+        to the kernels: inference returns an empty batch, training refuses it.)"""
+        rank = len(inputs.shape)
+        if rank < 2 or inputs.shape[self.axis % rank] == 0:
+            return False
+        return self.epsilon > 0 and self.epsilon != float("inf")
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         # TensorFlow's SavedModel writer walks every trackable object: stop it here, since
@@ -154,31 +222,3 @@ class BatchNormalization(keras.layers.BatchNormalization):
         outputs, _, _ = self._train_op(x, gamma, beta, axis)
         self._update_renorm_statistics(mean, var)
         return outputs
-
-    def _check_mask(self, inputs, mask):
-        rank = len(inputs.shape)
-        axis = self.axis % rank
-        expected = tuple(d for a, d in enumerate(inputs.shape) if a != axis)
-        got = tuple(mask.shape)
-        ok = len(got) == len(expected) and all(
-            e is None or g is None or e == g for e, g in zip(expected, got))
-        if not ok:
-            raise ValueError(
-                f"Layer '{self.name}': the mask must have the inputs' shape without the "
-                f"channel axis {self.axis}, {expected}; got mask.shape={got} for "
-                f"inputs.shape={tuple(inputs.shape)}")
-
-    def _moments(self, inputs, mask):
-        """Masked moments as Keras computes them, with the mask expanded at the channel
-        axis (Keras expands it at the last axis whatever ``axis`` is)."""
-        if mask is None:
-            return super()._moments(inputs, mask)
-        axis = self.axis % len(inputs.shape)
-        weights = ops.cast(ops.broadcast_to(ops.expand_dims(ops.cast(mask, "bool"), axis),
-                                            ops.shape(inputs)), inputs.dtype)
-        total = ops.sum(weights, self._reduction_axes, keepdims=True) + keras.backend.epsilon()
-        mean = ops.sum(inputs * weights, self._reduction_axes, keepdims=True) / total
-        variance = ops.sum(ops.square(inputs - mean) * weights, self._reduction_axes,
-                           keepdims=True) / total
-        channels = inputs.shape[axis]
-        return ops.reshape(mean, (channels,)), ops.reshape(variance, (channels,))

@@ -4,6 +4,10 @@ Inputs arrive validated and in a kernel dtype (float32 or float64: batchnorm.py 
 float16, see ``NATIVE_FLOAT16``); per-channel vectors are float64. Outputs are written
 into ``out`` when given (through a view when its memory order allows, else through one
 temporary) or into a new array laid out like ``x``.
+
+`train`, `inference` and `backward` are the public functions' operations, each one
+compiled call (``_kernels_cpu``'s whole operations); the single passes below them serve
+``numbabn.stages``.
 """
 
 import numpy as np
@@ -32,6 +36,51 @@ def _finish(y, copy_to):
     np.copyto(copy_to, y)
     return copy_to
 
+
+def _ones(v, channels):
+    return np.ones(channels) if v is None else v
+
+
+def _zeros(v, channels):
+    return np.zeros(channels) if v is None else v
+
+
+def train(x, axis, gamma, beta, eps, out=None):
+    """Batch statistics and the normalized ``x``: ``(y, mean, var, invstd)``."""
+    layout, xv = prepare(x, axis)
+    y, yv, copy_to = _output(out, x, layout)
+    C = layout.channels
+    mean, var, invstd = np.empty(C), np.empty(C), np.empty(C)
+    kernel = k.train_rows if layout.is_rows else k.train_planes
+    run_kernel(kernel, x.size, xv, _ones(gamma, C), _zeros(beta, C), eps, mean, var, invstd,
+               yv)
+    return _finish(y, copy_to), mean, var, invstd
+
+
+def inference(x, axis, gamma, beta, moving_mean, moving_var, eps, out=None):
+    """``x`` normalized with the moving statistics."""
+    layout, xv = prepare(x, axis)
+    y, yv, copy_to = _output(out, x, layout)
+    C = layout.channels
+    kernel = k.inference_rows if layout.is_rows else k.inference_planes
+    run_kernel(kernel, x.size, xv, _ones(gamma, C), _zeros(beta, C), moving_mean, moving_var,
+               eps, yv)
+    return _finish(y, copy_to)
+
+
+def backward(dy, x, axis, gamma, mean, invstd, out=None):
+    """The closed-form backward: ``(dx, dgamma, dbeta)``."""
+    layout, xv = prepare(x, axis)
+    dyv = input_blocks(dy, layout)
+    dx, dxv, copy_to = _output(out, x, layout)
+    C = layout.channels
+    dgamma, dbeta = np.empty(C), np.empty(C)
+    kernel = k.backward_rows if layout.is_rows else k.backward_planes
+    run_kernel(kernel, x.size, dyv, xv, _ones(gamma, C), mean, invstd, dxv, dgamma, dbeta)
+    return _finish(dx, copy_to), dgamma, dbeta
+
+
+# ------------------------------------------------- single passes (numbabn.stages)
 
 def channel_stats(x, axis):
     """Per-channel mean and biased variance (float64), shifted sums + Chan's merge."""

@@ -274,3 +274,26 @@ def grad_coeffs(sum_dy, sum_dy_xmu, invstd, gamma, n):
 def update_moving(moving, batch, momentum):
     """``moving = moving * momentum + batch * (1 - momentum)`` in place, float64 inside."""
     _per_channel("moving_update", moving.shape[0])(moving, _vec64(batch), momentum)
+
+
+# ------------------------------------------------ operations (as the CPU backend's)
+
+def train(x, axis, gamma, beta, eps, out=None):
+    """Batch statistics and the normalized ``x``: ``(y, mean, var, invstd)``."""
+    mean, var = channel_stats(x, axis)
+    invstd, scale, offset = norm_coeffs(var, eps, gamma, beta)
+    return affine(x, axis, mean, scale, offset, out), mean, var, invstd
+
+
+def inference(x, axis, gamma, beta, moving_mean, moving_var, eps, out=None):
+    """``x`` normalized with the moving statistics."""
+    _, scale, offset = norm_coeffs(moving_var, eps, gamma, beta)
+    return affine(x, axis, moving_mean, scale, offset, out)
+
+
+def backward(dy, x, axis, gamma, mean, invstd, out=None):
+    """The closed-form backward: ``(dx, dgamma, dbeta)``."""
+    n = x.size // x.shape[axis]
+    sum_dy, sum_dy_xmu = grad_sums(dy, x, axis, mean)
+    dgamma, k_dy, mean_dy, k_x = grad_coeffs(sum_dy, sum_dy_xmu, invstd, gamma, n)
+    return grad_input(dy, x, axis, mean, k_dy, mean_dy, k_x, out), dgamma, sum_dy

@@ -21,12 +21,15 @@ memory-bound, so the wider arithmetic is free and the float32 outputs are correc
 rounded results of float64 computations.
 """
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import carray, cfunc, njit, prange, types
 
-from .config import LANES
+from .config import CHUNK_ELEMENTS, LANES, MAX_CHUNKS
 
 _OPTS = dict(cache=True, nogil=True)
+# the whole operations: a negative moving variance gives NaN (as the stock layers), not an error
+_OPS_OPTS = dict(_OPTS, error_model="numpy")
 
 
 # --------------------------------------------------------------------------- merges
@@ -310,3 +313,198 @@ def grad_input_planes(dy, x, i_per, mean, k_dy, mean_dy, k_x, dx):
         dr = dx[o, c, i0:i1]
         for i in range(xr.size):
             dr[i] = a * (np.float64(gr[i]) - md) - b * (np.float64(xr[i]) - m)
+
+# ================================================================ whole operations
+# One compiled call per operation: task plan, both passes and the per-channel maths, on
+# a rows (R, C) or planes (O, C, I) view. The NumPy API calls them (one crossing from
+# Python into Numba per call) and so does numbabn's TensorFlow op, through the C entry
+# points below. The per-channel maths are the formulas of ``_cpu.norm_coeffs`` /
+# ``_cpu.grad_coeffs`` (used by ``stages`` and the CUDA backend's host side), written
+# elementwise in the same IEEE operations: results are bitwise the same (tested).
+#
+# These are not ``parallel=True`` themselves; the kernels they call are. Numba links
+# such a function against its threading layer's symbols when loading it from the cache,
+# so the layer must be running first (``numba.get_num_threads()`` starts it;
+# ``_runtime.run_kernel`` and ``c_entry_points`` do), or LLVM aborts the process.
+# They live in this file so that editing a kernel invalidates their cached code too
+# (Numba's cache tracks a function's own source file only).
+
+def plan_sizes(outer, channels, inner):
+    """Task sizes of a reduction from the shape alone (the key to determinism).
+
+    Rows (``inner == 1``): ``(rows_per_task, 0)``. Planes: ``(o_per, i_per)``. The
+    elementwise passes use ``rows_per_task`` (rows) or ``i_per`` (planes). Plain Python,
+    also compiled below: one definition for ``_layout`` and the compiled operations.
+    """
+    if inner == 1:
+        rows = max(-(-outer // MAX_CHUNKS), CHUNK_ELEMENTS // max(channels, 1), 1)
+        return rows, 0
+    if inner >= CHUNK_ELEMENTS:
+        return 1, CHUNK_ELEMENTS
+    o_per = max(CHUNK_ELEMENTS // inner, -(-outer // MAX_CHUNKS), 1)
+    return o_per, inner
+
+
+_plan = njit(**_OPS_OPTS)(plan_sizes)  # the compiled twin, for the operations below
+
+
+@njit(**_OPS_OPTS)
+def _norm_coeffs(var, eps, gamma, invstd, scale):
+    """``invstd = 1 / sqrt(var + eps)``, ``scale = invstd * gamma`` (NaN for var + eps < 0)."""
+    for c in range(var.size):
+        invstd[c] = 1.0 / np.sqrt(var[c] + eps)
+        scale[c] = invstd[c] * gamma[c]
+
+
+# -------------------------------------------------------------- rows (R, C) views
+
+@njit(**_OPS_OPTS)
+def train_rows(x, gamma, beta, eps, mean, var, invstd, y):
+    """Batch statistics of ``x`` (R, C) into mean/var/invstd, and ``y`` normalized."""
+    R, C = x.shape
+    rows, _ = _plan(R, C, 1)
+    stats_rows(x, rows, mean, var)
+    scale = np.empty(C)
+    _norm_coeffs(var, eps, gamma, invstd, scale)
+    affine_rows(x, rows, mean, scale, beta, y)
+
+
+@njit(**_OPS_OPTS)
+def inference_rows(x, gamma, beta, moving_mean, moving_var, eps, y):
+    """``y`` normalized with the moving statistics, (R, C) views."""
+    R, C = x.shape
+    rows, _ = _plan(R, C, 1)
+    invstd = np.empty(C)
+    scale = np.empty(C)
+    _norm_coeffs(moving_var, eps, gamma, invstd, scale)
+    affine_rows(x, rows, moving_mean, scale, beta, y)
+
+
+@njit(**_OPS_OPTS)
+def backward_rows(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
+    """Closed-form backward on (R, C) views: ``dx``, ``dgamma`` and ``dbeta`` (= sum(dy))."""
+    R, C = x.shape
+    rows, _ = _plan(R, C, 1)
+    sum_dy_xmu = np.empty(C)
+    grad_sums_rows(dy, x, rows, mean, dbeta, sum_dy_xmu)
+    k_dy, mean_dy, k_x = _grad_coeffs(dbeta, sum_dy_xmu, invstd, gamma, R, dgamma)
+    grad_input_rows(dy, x, rows, mean, k_dy, mean_dy, k_x, dx)
+
+
+@njit(**_OPS_OPTS)
+def _grad_coeffs(sum_dy, sum_dy_xmu, invstd, gamma, n, dgamma):
+    """As ``_cpu.grad_coeffs``, elementwise: dgamma in place, (k_dy, mean_dy, k_x)."""
+    C = sum_dy.size
+    k_dy = np.empty(C)
+    mean_dy = np.empty(C)
+    k_x = np.empty(C)
+    for c in range(C):
+        dgamma[c] = sum_dy_xmu[c] * invstd[c]
+        k_dy[c] = invstd[c] * gamma[c]
+        k_x[c] = k_dy[c] * invstd[c] * dgamma[c] / n
+        mean_dy[c] = sum_dy[c] / n
+    return k_dy, mean_dy, k_x
+
+
+# ------------------------------------------------------------ planes (O, C, I) views
+
+@njit(**_OPS_OPTS)
+def train_planes(x, gamma, beta, eps, mean, var, invstd, y):
+    """As ``train_rows`` on (O, C, I) views."""
+    O, C, I = x.shape
+    o_per, i_per = _plan(O, C, I)
+    stats_planes(x, o_per, i_per, mean, var)
+    scale = np.empty(C)
+    _norm_coeffs(var, eps, gamma, invstd, scale)
+    affine_planes(x, i_per, mean, scale, beta, y)
+
+
+@njit(**_OPS_OPTS)
+def inference_planes(x, gamma, beta, moving_mean, moving_var, eps, y):
+    """As ``inference_rows`` on (O, C, I) views."""
+    O, C, I = x.shape
+    _, i_per = _plan(O, C, I)
+    invstd = np.empty(C)
+    scale = np.empty(C)
+    _norm_coeffs(moving_var, eps, gamma, invstd, scale)
+    affine_planes(x, i_per, moving_mean, scale, beta, y)
+
+
+@njit(**_OPS_OPTS)
+def backward_planes(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
+    """As ``backward_rows`` on (O, C, I) views."""
+    O, C, I = x.shape
+    o_per, i_per = _plan(O, C, I)
+    sum_dy_xmu = np.empty(C)
+    grad_sums_planes(dy, x, o_per, i_per, mean, dbeta, sum_dy_xmu)
+    k_dy, mean_dy, k_x = _grad_coeffs(dbeta, sum_dy_xmu, invstd, gamma, O * I, dgamma)
+    grad_input_planes(dy, x, i_per, mean, k_dy, mean_dy, k_x, dx)
+
+
+# ==================================================================== C entry points
+# For callers without Python: numbabn's TensorFlow op (``keras_layer._native``) calls
+# these ``@cfunc`` functions with raw pointers into buffers TensorFlow allocated. Every
+# buffer is a dense C-ordered array viewed as (outer, C, inner) around the channel axis
+# (rows (outer, C) when inner == 1); per-channel vectors are float64; the caller
+# guarantees C > 0 and outer * inner > 0. ``T`` is float32 or float64, one set each:
+#
+#   train(x: T*, y: T*, gamma, beta, mean, var, invstd: f64*, outer, C, inner: i64, eps: f64)
+#   inference(x: T*, y: T*, gamma, beta, moving_mean, moving_var: f64*, outer, C, inner, eps)
+#   backward(dy: T*, x: T*, dx: T*, gamma, mean, invstd, dgamma, dbeta: f64*, outer, C, inner)
+#
+# ``y`` may be ``x`` and ``dx`` may be ``dy`` (in place).
+
+_entry_points = {}
+
+
+def c_entry_points(dtype):
+    """``{"train": address, "inference": ..., "backward": ...}`` of the C entry points
+    for ``dtype`` ("float32" or "float64"), compiled (or loaded from the cache) on first
+    use; the functions stay alive as long as the process."""
+    dtype = str(dtype)
+    if dtype not in _entry_points:
+        numba.get_num_threads()  # the threading layer must run first: see above
+        _entry_points[dtype] = _compile_entry_points(getattr(types, dtype))
+    return {name: f.address for name, f in _entry_points[dtype].items()}
+
+
+def _compile_entry_points(t):
+    p = types.CPointer(t)
+    f64 = types.CPointer(types.float64)
+    i64 = types.int64
+
+    @cfunc(types.void(p, p, f64, f64, f64, f64, f64, i64, i64, i64, types.float64),
+           cache=True)
+    def train(x, y, gamma, beta, mean, var, invstd, outer, C, inner, eps):
+        g, b = carray(gamma, C), carray(beta, C)
+        m, v, s = carray(mean, C), carray(var, C), carray(invstd, C)
+        if inner == 1:
+            train_rows(carray(x, (outer, C)), g, b, eps, m, v, s, carray(y, (outer, C)))
+        else:
+            shape = (outer, C, inner)
+            train_planes(carray(x, shape), g, b, eps, m, v, s, carray(y, shape))
+
+    @cfunc(types.void(p, p, f64, f64, f64, f64, i64, i64, i64, types.float64), cache=True)
+    def inference(x, y, gamma, beta, moving_mean, moving_var, outer, C, inner, eps):
+        g, b = carray(gamma, C), carray(beta, C)
+        m, v = carray(moving_mean, C), carray(moving_var, C)
+        if inner == 1:
+            inference_rows(carray(x, (outer, C)), g, b, m, v, eps, carray(y, (outer, C)))
+        else:
+            shape = (outer, C, inner)
+            inference_planes(carray(x, shape), g, b, m, v, eps, carray(y, shape))
+
+    @cfunc(types.void(p, p, p, f64, f64, f64, f64, f64, i64, i64, i64), cache=True)
+    def backward(dy, x, dx, gamma, mean, invstd, dgamma, dbeta, outer, C, inner):
+        g, m, s = carray(gamma, C), carray(mean, C), carray(invstd, C)
+        dg, db = carray(dgamma, C), carray(dbeta, C)
+        if inner == 1:
+            shape = (outer, C)
+            backward_rows(carray(dy, shape), carray(x, shape), g, m, s, carray(dx, shape),
+                          dg, db)
+        else:
+            shape = (outer, C, inner)
+            backward_planes(carray(dy, shape), carray(x, shape), g, m, s, carray(dx, shape),
+                            dg, db)
+
+    return {"train": train, "inference": inference, "backward": backward}

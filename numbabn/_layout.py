@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import config
+from ._kernels_cpu import plan_sizes
 
 
 class Layout(NamedTuple):
@@ -37,15 +37,8 @@ class Layout(NamedTuple):
 
     def plan(self):
         """Task sizes, from the shape alone (see ``config``): the key to determinism."""
-        if self.is_rows:
-            rows = max(-(-self.outer // config.MAX_CHUNKS),
-                       config.CHUNK_ELEMENTS // max(self.channels, 1), 1)
-            return (rows,)
-        if self.inner >= config.CHUNK_ELEMENTS:
-            return (1, config.CHUNK_ELEMENTS)
-        o_per = max(config.CHUNK_ELEMENTS // self.inner,
-                    -(-self.outer // config.MAX_CHUNKS), 1)
-        return (o_per, self.inner)
+        sizes = plan_sizes(self.outer, self.channels, self.inner)
+        return sizes[:1] if self.is_rows else sizes
 
     def elementwise_plan(self):
         """Task sizes of the elementwise kernels: row blocks, or plane segments (i_per)."""
@@ -87,6 +80,8 @@ def input_blocks(a, layout):
 
 def empty_like_layout(shape, dtype, layout):
     """A new array of logical ``shape`` whose memory follows ``layout`` (so ``blocks`` is a view)."""
+    if layout.perm == tuple(range(len(shape))):
+        return np.empty(shape, dtype=dtype)
     walk = np.empty([shape[a] for a in layout.perm], dtype=dtype)
     return walk.transpose(np.argsort(layout.perm))
 

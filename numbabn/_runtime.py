@@ -28,6 +28,7 @@ import warnings
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402 - after the environment default above
+from numba.np.ufunc import parallel as _parallel  # noqa: E402
 
 from . import config  # noqa: E402
 
@@ -47,6 +48,8 @@ def run_kernel(kernel, size, *args):
     if _layer in _THREAD_SAFE:
         return _on_one_thread(kernel, args)
     with _lock:
+        if _layer is None:
+            numba.get_num_threads()  # start the threading layer before any kernel loads
         result = _on_one_thread(kernel, args) if size < config.SERIAL_BELOW else kernel(*args)
         if _layer is None:
             _resolve_layer()
@@ -54,12 +57,16 @@ def run_kernel(kernel, size, *args):
 
 
 def _on_one_thread(kernel, args):
-    previous = numba.get_num_threads()  # per calling thread in Numba
-    numba.set_num_threads(1)
+    # Numba's thread count is per calling thread. Its C functions directly: the Python
+    # wrappers (numba.get/set_num_threads) check their argument and the layer on every
+    # call, several microseconds of a small call. The layer is running here (the first
+    # call starts it under the lock).
+    previous = _parallel._get_num_threads()
+    _parallel._set_num_threads(1)
     try:
         return kernel(*args)
     finally:
-        numba.set_num_threads(previous)
+        _parallel._set_num_threads(previous)
 
 
 def _resolve_layer():

@@ -161,10 +161,8 @@ def batch_norm_train(x, gamma=None, beta=None, axis=-1, eps=1e-3, *, out=None):
     eps = check.positive_float(eps, "eps")
     out_given, out = out, check.out_array(out, x.shape, x.dtype, [x])
 
-    xk = _kernel_dtype(x, backend)
-    mean, var = backend.channel_stats(xk, axis)
-    invstd, scale, offset = backend.norm_coeffs(var, eps, gamma, beta)
-    y = backend.affine(xk, axis, mean, scale, offset, _direct_out(out, x, backend))
+    y, mean, var, invstd = backend.train(_kernel_dtype(x, backend), axis, gamma, beta, eps,
+                                         _direct_out(out, x, backend))
     return _result(y, x.dtype, out, out_given), BatchStats(mean, var, invstd)
 
 
@@ -215,9 +213,8 @@ def batch_norm_inference(x, gamma, beta, moving_mean, moving_var, axis=-1, eps=1
     eps = check.positive_float(eps, "eps")
     out_given, out = out, check.out_array(out, x.shape, x.dtype, [x])
 
-    _, scale, offset = backend.norm_coeffs(moving_var, eps, gamma, beta)
-    xk = _kernel_dtype(x, backend)
-    y = backend.affine(xk, axis, moving_mean, scale, offset, _direct_out(out, x, backend))
+    y = backend.inference(_kernel_dtype(x, backend), axis, gamma, beta, moving_mean,
+                          moving_var, eps, _direct_out(out, x, backend))
     return _result(y, x.dtype, out, out_given)
 
 
@@ -271,13 +268,10 @@ def batch_norm_backward(dy, x, gamma, stats, axis=-1, *, out=None):
     mean, invstd = check.batch_stats(stats, channels, device=gpu)
     out_given, out = out, check.out_array(out, x.shape, x.dtype, [x, dy])
 
-    xk, dyk = _kernel_dtype(x, backend), _kernel_dtype(dy, backend)
-    n = x.size // channels
-    sum_dy, sum_dy_xmu = backend.grad_sums(dyk, xk, axis, mean)
-    dgamma, k_dy, mean_dy, k_x = backend.grad_coeffs(sum_dy, sum_dy_xmu, invstd, gamma, n)
-    dx = backend.grad_input(dyk, xk, axis, mean, k_dy, mean_dy, k_x,
-                            _direct_out(out, x, backend))
-    return _result(dx, x.dtype, out, out_given), dgamma, sum_dy
+    dx, dgamma, dbeta = backend.backward(_kernel_dtype(dy, backend), _kernel_dtype(x, backend),
+                                         axis, gamma, mean, invstd,
+                                         _direct_out(out, x, backend))
+    return _result(dx, x.dtype, out, out_given), dgamma, dbeta
 
 
 def update_moving_stats(moving_mean, moving_var, stats, momentum=0.99):

@@ -35,3 +35,15 @@ def case(request):
 @pytest.fixture(params=DTYPES, ids=lambda d: np.dtype(d).name)
 def dtype(request):
     return np.dtype(request.param)
+
+
+@pytest.fixture
+def numpy_function_bridge():
+    """Run the test with keras_layer's tf.numpy_function bridge, as on a machine where
+    its compiled TensorFlow op cannot be built (the op is restored afterwards)."""
+    from keras_layer import _native
+
+    ops = _native.load()
+    _native._state["ops"] = None
+    yield
+    _native._state["ops"] = ops

@@ -1,10 +1,13 @@
-"""Eager calls of the layer skip tf.numpy_function and pass buffers through DLPack.
+"""Eager calls of the layer never run tf.numpy_function.
 
-Executed eagerly, ``tf.numpy_function`` copies its inputs and outputs (50 of a 65 ms
-call on a 51 MB tensor), so the bridge runs the kernels directly on DLPack views there.
-These tests pin that path: no numpy_function eagerly, the kernel reading TensorFlow's
-own buffer and writing the one the returned tensor holds, and the same results as the
-stock layer on it (float32, float16, an empty batch, second-order requests refused).
+With the compiled op (keras_layer/_native) eager calls are TensorFlow ops like any
+other. Where the tf.numpy_function bridge runs instead (float16, or no compiler: the
+``numpy_function_bridge`` fixture), ``tf.numpy_function`` executed eagerly would copy
+its inputs and outputs (50 of a 65 ms call on a 51 MB tensor), so that bridge runs the
+kernels directly on DLPack views there. These tests pin both: no numpy_function eagerly,
+the fallback's kernel reading TensorFlow's own buffer and writing the one the returned
+tensor holds, and the same results as the stock layer (float32, float16, an empty batch,
+second-order requests refused).
 """
 
 import keras_helpers as kh  # first: sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads
@@ -38,8 +41,8 @@ def test_eager_steps_match_stock_without_numpy_function(layout):
     train_and_infer(ours, stock, shape, "eager")
 
 
-@pytest.mark.usefixtures("no_eager_numpy_function")
-def test_graph_still_uses_numpy_function(monkeypatch):
+@pytest.mark.usefixtures("no_eager_numpy_function", "numpy_function_bridge")
+def test_fallback_graph_still_uses_numpy_function(monkeypatch):
     calls = []
     real = tf.numpy_function
     monkeypatch.setattr(tf, "numpy_function",
@@ -61,7 +64,8 @@ def test_eager_float16_and_empty_batch():
     assert tuple(ours(empty, training=False).shape) == (0, 5, 6, 3)
 
 
-def test_eager_kernels_use_tensorflows_buffers(monkeypatch):
+@pytest.mark.usefixtures("numpy_function_bridge")
+def test_fallback_eager_kernels_use_tensorflows_buffers(monkeypatch):
     """The kernel reads x's own buffer and writes the one y holds: no copies either way."""
     seen = {}
 

@@ -1,0 +1,175 @@
+"""numbabn's compiled TensorFlow op: build, load, and hand it the Numba entry points.
+
+``numbabn_ops.cc`` defines three CPU ops (``NumbabnTrain``, ``NumbabnInference``,
+``NumbabnTrainGrad``) whose kernels call numbabn's Numba-compiled C entry points
+(``numbabn._kernels_cpu.c_entry_points``) on buffers TensorFlow allocates: no Python, no
+GIL and no fresh pages per call, where ``tf.numpy_function`` has all three (see
+``keras_layer/_bridge``).
+
+The library is compiled once per TensorFlow version and source (``make test`` and
+``make demo`` build it; otherwise the first use does, ~20 s) with the C++ compiler and
+``tf.sysconfig``'s flags, into ``NUMBABN_OP_DIR`` or ``~/.cache/numbabn``. `load` returns
+``None``, and the layer keeps the ``tf.numpy_function`` bridge, with one note saying why,
+when the op cannot be used: no compiler, a failed build, ``NUMBABN_TF_OP=0`` in the
+environment, or Numba's non-thread-safe ``workqueue`` threading layer (TensorFlow runs
+ops from several threads at once, and only the Python bridge can serialize them).
+"""
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("numbabn_ops.cc")
+
+#: ``numbabn_set_entry`` slots, in the order of ``enum Slot`` in numbabn_ops.cc.
+_SLOTS = ("train_float32", "inference_float32", "backward_float32",
+          "train_float64", "inference_float64", "backward_float64",
+          "get_num_threads", "set_num_threads")
+
+_lock = threading.Lock()
+_state = {}  # "ops": the loaded module or None; "why": the reason it is None
+
+
+def _compiler():
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _flags():
+    import tensorflow as tf
+
+    return (["-shared", "-fPIC", "-O2", "-w"] + tf.sysconfig.get_compile_flags()
+            + tf.sysconfig.get_link_flags())
+
+
+def library_path():
+    """Where the compiled library for this source and TensorFlow lives (built or not)."""
+    import tensorflow as tf
+
+    key = hashlib.sha256(SOURCE.read_bytes() + tf.__version__.encode()
+                         + " ".join(_flags()).encode()).hexdigest()[:16]
+    root = os.environ.get("NUMBABN_OP_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "numbabn")
+    return Path(root) / f"numbabn_tf_ops_{key}.so"
+
+
+def build(quiet=False):
+    """Compile the op library if it is not built yet; return its path.
+
+    Raises
+    ------
+    RuntimeError
+        No C++ compiler, or the compiler failed (its output is in the message).
+    """
+    path = library_path()
+    if path.exists():
+        return path
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    if not quiet:
+        print(f"numbabn: compiling its TensorFlow op into {path} (once, ~20 s)",
+              file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name and rename: concurrent builds (test workers, asv) never
+    # load a half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, str(SOURCE), "-o", tmp, *_flags()], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cxx} failed:\n{proc.stderr[-4000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _thread_safe_layer():
+    """Start Numba's threading layer; return its name if TensorFlow's threads may call
+    the parallel kernels concurrently (tbb, omp), else None."""
+    import numba
+
+    numba.get_num_threads()  # launches the threading layer
+    layer = numba.threading_layer()
+    return layer if layer in ("tbb", "omp") else None
+
+
+def _register(lib):
+    from numba.np.ufunc import parallel
+
+    from numbabn import _kernels_cpu, config
+
+    addresses = {}
+    for dtype in ("float32", "float64"):
+        for name, address in _kernels_cpu.c_entry_points(dtype).items():
+            addresses[f"{name}_{dtype}"] = address
+    for name in ("get_num_threads", "set_num_threads"):
+        addresses[name] = ctypes.cast(getattr(parallel, "_" + name), ctypes.c_void_p).value
+    lib.numbabn_set_entry.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    for slot, name in enumerate(_SLOTS):
+        if lib.numbabn_set_entry(slot, addresses[name]) != 0:
+            raise RuntimeError(f"the op library rejected entry point {name}")
+    lib.numbabn_set_serial_below.argtypes = [ctypes.c_int64]
+    lib.numbabn_set_serial_below(config.SERIAL_BELOW)
+
+
+def _load():
+    if os.environ.get("NUMBABN_TF_OP", "1") == "0":
+        return None, "NUMBABN_TF_OP=0 is set"
+    layer = _thread_safe_layer()
+    if layer is None:
+        return None, ("Numba's threading layer is not thread-safe (install tbb, or make "
+                      "OpenMP available)")
+    try:
+        path = build()
+    except (RuntimeError, OSError) as exc:
+        return None, f"the op could not be compiled: {exc}"
+    import tensorflow as tf
+
+    ops = tf.load_op_library(str(path))
+    _register(ctypes.CDLL(str(path)))  # the same library: dlopen returns the loaded one
+    return ops, None
+
+
+def load():
+    """The op module (``numbabn_train``, ``numbabn_inference``, ``numbabn_train_grad``),
+    or ``None`` where the layer must use the ``tf.numpy_function`` bridge (noted once)."""
+    with _lock:
+        if "ops" not in _state:
+            _state["ops"], _state["why"] = _load()
+            if _state["ops"] is None and os.environ.get("NUMBABN_TF_OP") != "0":
+                warnings.warn(f"keras_layer: numbabn's TensorFlow op is not used ("
+                              f"{_state['why']}); the layer calls the kernels through "
+                              "tf.numpy_function instead, which is slower per call.",
+                              RuntimeWarning, stacklevel=3)
+        return _state["ops"]
+
+
+def status():
+    """One line for show_config-style reports: whether the compiled op is in use."""
+    ops = load()
+    return "compiled op" if ops is not None else f"tf.numpy_function ({_state['why']})"
+
+
+def main():
+    """``python -m keras_layer._native``: build the op ahead of its first use (the
+    Makefile does). Without a compiler this says so and exits 0: the layer works
+    through tf.numpy_function then."""
+    try:
+        print(f"numbabn's TensorFlow op: {build(quiet=True)}")
+    except (RuntimeError, OSError) as exc:
+        print(f"numbabn's TensorFlow op was not built ({exc}); keras_layer will use "
+              "tf.numpy_function", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

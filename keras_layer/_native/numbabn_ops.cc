@@ -1,0 +1,345 @@
+// numbabn's TensorFlow ops: batch normalization on buffers TensorFlow allocates, computed
+// by numbabn's Numba-compiled C entry points (numbabn/_kernels_cpu.py, c_entry_points).
+//
+// Why an op and not tf.numpy_function: a numpy_function call takes the GIL, runs Python
+// and hands TensorFlow an array it did not allocate (fresh pages on every call). Here a
+// call is a few C++ lines around one call of a compiled function: outputs come from
+// TensorFlow's allocator (reused memory), an output may take over its input's buffer
+// when nothing else reads it, and no Python runs.
+//
+// The entry points' addresses are handed over at load time by keras_layer/_native.py
+// (numbabn_set_entry), as are Numba's get/set_num_threads, which keep small inputs on
+// the calling thread as numbabn's Python API does (numbabn.config.SERIAL_BELOW).
+// Per-channel vectors are converted to float64 here: the entry points take float64.
+
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace {
+
+using tensorflow::DEVICE_CPU;
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Status;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+namespace errors = tensorflow::errors;
+namespace shape_inference = tensorflow::shape_inference;
+
+// Slots of numbabn_set_entry; keep in step with _SLOTS in keras_layer/_native/__init__.py.
+enum Slot {
+  kTrainF32, kInferenceF32, kBackwardF32,
+  kTrainF64, kInferenceF64, kBackwardF64,
+  kGetNumThreads, kSetNumThreads,
+  kSlots
+};
+
+std::atomic<void*> g_entries[kSlots];
+std::atomic<int64_t> g_serial_below{1 << 19};
+
+using TrainFn = void (*)(const void*, void*, const double*, const double*, double*, double*,
+                         double*, int64_t, int64_t, int64_t, double);
+using InferenceFn = void (*)(const void*, void*, const double*, const double*, const double*,
+                             const double*, int64_t, int64_t, int64_t, double);
+using BackwardFn = void (*)(const void*, const void*, void*, const double*, const double*,
+                            const double*, double*, double*, int64_t, int64_t, int64_t);
+using GetThreadsFn = int (*)();
+using SetThreadsFn = void (*)(int);
+
+// Inputs below the serial threshold run on the calling thread: waking Numba's pool costs
+// more than it saves there. Numba's thread count is per calling thread, so this touches
+// only the TensorFlow thread that runs the op.
+class ThreadScope {
+ public:
+  explicit ThreadScope(int64_t size) {
+    auto get = reinterpret_cast<GetThreadsFn>(g_entries[kGetNumThreads].load());
+    set_ = reinterpret_cast<SetThreadsFn>(g_entries[kSetNumThreads].load());
+    if (get && set_ && size < g_serial_below.load()) {
+      previous_ = get();
+      set_(1);
+    }
+  }
+  ~ThreadScope() {
+    if (previous_ > 0) set_(previous_);
+  }
+
+ private:
+  SetThreadsFn set_ = nullptr;
+  int previous_ = 0;
+};
+
+struct Blocks {
+  int64_t outer = 1, channels = 0, inner = 1;
+  int64_t count() const { return outer * inner; }
+};
+
+Status BlocksOf(const TensorShape& shape, int axis, Blocks* b) {
+  if (axis < 0 || axis >= shape.dims()) {
+    return errors::InvalidArgument("numbabn: axis ", axis, " is out of range for an input of ",
+                                   shape.dims(), " dimensions (shape ", shape.DebugString(),
+                                   ")");
+  }
+  for (int a = 0; a < axis; ++a) b->outer *= shape.dim_size(a);
+  b->channels = shape.dim_size(axis);
+  for (int a = axis + 1; a < shape.dims(); ++a) b->inner *= shape.dim_size(a);
+  return Status();
+}
+
+// A per-channel input as float64. gamma and beta may be empty, meaning absent (Keras's
+// scale=False / center=False): 1 and 0.
+template <typename P>
+Status ChannelVector(const Tensor& t, const char* name, int64_t channels,
+                     std::vector<double>* out, bool optional = false, double absent = 0.0) {
+  if (optional && t.NumElements() == 0) {
+    out->assign(channels, absent);
+    return Status();
+  }
+  if (t.dims() != 1 || t.NumElements() != channels) {
+    return errors::InvalidArgument("numbabn: ", name, " must have shape (", channels,
+                                   ",), one value per channel; got shape ",
+                                   t.shape().DebugString());
+  }
+  auto v = t.flat<P>();
+  out->resize(channels);
+  for (int64_t c = 0; c < channels; ++c) (*out)[c] = static_cast<double>(v(c));
+  return Status();
+}
+
+Status Float64Vector(const Tensor& t, const char* name, int64_t channels) {
+  if (t.dims() != 1 || t.NumElements() != channels) {
+    return errors::InvalidArgument("numbabn: ", name, " must have shape (", channels,
+                                   ",); got shape ", t.shape().DebugString());
+  }
+  return Status();
+}
+
+template <typename T>
+constexpr Slot TrainSlot() { return sizeof(T) == 4 ? kTrainF32 : kTrainF64; }
+template <typename T>
+constexpr Slot InferenceSlot() { return sizeof(T) == 4 ? kInferenceF32 : kInferenceF64; }
+template <typename T>
+constexpr Slot BackwardSlot() { return sizeof(T) == 4 ? kBackwardF32 : kBackwardF64; }
+
+template <typename Fn>
+Status Entry(Slot slot, Fn* fn) {
+  *fn = reinterpret_cast<Fn>(g_entries[slot].load());
+  if (*fn == nullptr) {
+    return errors::FailedPrecondition(
+        "numbabn's TensorFlow op library was loaded without its entry points; load it "
+        "through keras_layer._native.load()");
+  }
+  return Status();
+}
+
+template <typename T, typename P>
+class TrainOp : public OpKernel {
+ public:
+  explicit TrainOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const double eps = ctx->input(3).scalar<double>()();
+    Blocks b;
+    OP_REQUIRES_OK(ctx, BlocksOf(x.shape(), axis_, &b));
+    OP_REQUIRES(ctx, b.channels > 0 && b.count() > 0,
+                errors::InvalidArgument("numbabn: empty batch: x has shape ",
+                                        x.shape().DebugString(), ", so each of its ",
+                                        b.channels, " channels (axis ", axis_,
+                                        ") has no elements"));
+    std::vector<double> gamma, beta;
+    OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(1), "gamma", b.channels, &gamma, true, 1.0));
+    OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(2), "beta", b.channels, &beta, true, 0.0));
+    TrainFn fn;
+    OP_REQUIRES_OK(ctx, Entry(TrainSlot<T>(), &fn));
+
+    Tensor *y, *mean, *var, *invstd;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
+    const TensorShape cs({b.channels});
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, cs, &mean));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, cs, &var));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, cs, &invstd));
+    ThreadScope threads(x.NumElements());
+    fn(x.flat<T>().data(), y->flat<T>().data(), gamma.data(), beta.data(),
+       mean->flat<double>().data(), var->flat<double>().data(), invstd->flat<double>().data(),
+       b.outer, b.channels, b.inner, eps);
+  }
+
+ private:
+  int axis_;
+};
+
+template <typename T, typename P>
+class InferenceOp : public OpKernel {
+ public:
+  explicit InferenceOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const double eps = ctx->input(5).scalar<double>()();
+    Blocks b;
+    OP_REQUIRES_OK(ctx, BlocksOf(x.shape(), axis_, &b));
+    std::vector<double> gamma, beta, mm, mv;
+    OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(1), "gamma", b.channels, &gamma, true, 1.0));
+    OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(2), "beta", b.channels, &beta, true, 0.0));
+    OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(3), "moving_mean", b.channels, &mm));
+    OP_REQUIRES_OK(ctx,
+                   ChannelVector<P>(ctx->input(4), "moving_variance", b.channels, &mv));
+    InferenceFn fn;
+    OP_REQUIRES_OK(ctx, Entry(InferenceSlot<T>(), &fn));
+
+    Tensor* y;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
+    if (x.NumElements() == 0) return;  // an empty batch normalizes to itself
+    ThreadScope threads(x.NumElements());
+    fn(x.flat<T>().data(), y->flat<T>().data(), gamma.data(), beta.data(), mm.data(),
+       mv.data(), b.outer, b.channels, b.inner, eps);
+  }
+
+ private:
+  int axis_;
+};
+
+template <typename T, typename P>
+class TrainGradOp : public OpKernel {
+ public:
+  explicit TrainGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dy = ctx->input(0);
+    const Tensor& x = ctx->input(1);
+    OP_REQUIRES(ctx, dy.shape() == x.shape(),
+                errors::InvalidArgument("numbabn: dy must have the shape of x, ",
+                                        x.shape().DebugString(), "; got ",
+                                        dy.shape().DebugString()));
+    Blocks b;
+    OP_REQUIRES_OK(ctx, BlocksOf(x.shape(), axis_, &b));
+    OP_REQUIRES_OK(ctx, Float64Vector(ctx->input(2), "mean", b.channels));
+    OP_REQUIRES_OK(ctx, Float64Vector(ctx->input(3), "invstd", b.channels));
+    std::vector<double> gamma;
+    OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(4), "gamma", b.channels, &gamma, true, 1.0));
+    BackwardFn fn;
+    OP_REQUIRES_OK(ctx, Entry(BackwardSlot<T>(), &fn));
+
+    Tensor *dx, *dgamma, *dbeta;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &dx));
+    const TensorShape cs({b.channels});
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, cs, &dgamma));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, cs, &dbeta));
+    std::vector<double> dg(b.channels), db(b.channels);
+    {
+      ThreadScope threads(x.NumElements());
+      fn(dy.flat<T>().data(), x.flat<T>().data(), dx->flat<T>().data(), gamma.data(),
+         ctx->input(2).flat<double>().data(), ctx->input(3).flat<double>().data(), dg.data(),
+         db.data(), b.outer, b.channels, b.inner);
+    }
+    auto g = dgamma->flat<P>();
+    auto s = dbeta->flat<P>();
+    for (int64_t c = 0; c < b.channels; ++c) {
+      g(c) = static_cast<P>(dg[c]);
+      s(c) = static_cast<P>(db[c]);
+    }
+  }
+
+ private:
+  int axis_;
+};
+
+// Output 0 has the shape of input ``like``; outputs 1..channel_outputs are (C,).
+Status ShapeOf(shape_inference::InferenceContext* c, int like, int channel_outputs) {
+  c->set_output(0, c->input(like));
+  int axis;
+  TF_RETURN_IF_ERROR(c->GetAttr("axis", &axis));
+  shape_inference::DimensionHandle channels = c->UnknownDim();
+  if (c->RankKnown(c->input(like)) && axis < c->Rank(c->input(like))) {
+    channels = c->Dim(c->input(like), axis);
+  }
+  for (int i = 1; i <= channel_outputs; ++i) c->set_output(i, c->Vector(channels));
+  return Status();
+}
+
+}  // namespace
+
+extern "C" {
+// Called from keras_layer/_native.py through ctypes before any op runs.
+__attribute__((visibility("default"))) int numbabn_set_entry(int slot, void* fn) {
+  if (slot < 0 || slot >= kSlots) return -1;
+  g_entries[slot].store(fn);
+  return 0;
+}
+__attribute__((visibility("default"))) void numbabn_set_serial_below(int64_t n) {
+  g_serial_below.store(n);
+}
+}
+
+REGISTER_OP("NumbabnTrain")
+    .Input("x: T")
+    .Input("gamma: P")
+    .Input("beta: P")
+    .Input("epsilon: double")
+    .Output("y: T")
+    .Output("mean: double")
+    .Output("variance: double")
+    .Output("invstd: double")
+    .Attr("T: {float, double}")
+    .Attr("P: {float, double}")
+    .Attr("axis: int >= 0")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      return ShapeOf(c, 0, 3);
+    })
+    .Doc("Batch-statistics normalization by numbabn (an empty gamma/beta means 1/0).");
+
+REGISTER_OP("NumbabnInference")
+    .Input("x: T")
+    .Input("gamma: P")
+    .Input("beta: P")
+    .Input("moving_mean: P")
+    .Input("moving_variance: P")
+    .Input("epsilon: double")
+    .Output("y: T")
+    .Attr("T: {float, double}")
+    .Attr("P: {float, double}")
+    .Attr("axis: int >= 0")
+    .SetShapeFn([](shape_inference::InferenceContext* c) { return ShapeOf(c, 0, 0); })
+    .Doc("Moving-statistics normalization by numbabn.");
+
+REGISTER_OP("NumbabnTrainGrad")
+    .Input("dy: T")
+    .Input("x: T")
+    .Input("mean: double")
+    .Input("invstd: double")
+    .Input("gamma: P")
+    .Output("dx: T")
+    .Output("dgamma: P")
+    .Output("dbeta: P")
+    .Attr("T: {float, double}")
+    .Attr("P: {float, double}")
+    .Attr("axis: int >= 0")
+    .SetShapeFn([](shape_inference::InferenceContext* c) { return ShapeOf(c, 1, 2); })
+    .Doc("Closed-form batch-norm backward by numbabn.");
+
+#define NUMBABN_REGISTER(T, P)                                                          \
+  REGISTER_KERNEL_BUILDER(Name("NumbabnTrain").Device(DEVICE_CPU).TypeConstraint<T>("T") \
+                              .TypeConstraint<P>("P"), TrainOp<T, P>);                  \
+  REGISTER_KERNEL_BUILDER(Name("NumbabnInference").Device(DEVICE_CPU)                    \
+                              .TypeConstraint<T>("T").TypeConstraint<P>("P"),            \
+                          InferenceOp<T, P>);                                            \
+  REGISTER_KERNEL_BUILDER(Name("NumbabnTrainGrad").Device(DEVICE_CPU)                    \
+                              .TypeConstraint<T>("T").TypeConstraint<P>("P"),            \
+                          TrainGradOp<T, P>);
+
+NUMBABN_REGISTER(float, float)
+NUMBABN_REGISTER(float, double)
+NUMBABN_REGISTER(double, float)
+NUMBABN_REGISTER(double, double)

@@ -1,0 +1,190 @@
+"""numbabn's compiled TensorFlow op (keras_layer/_native): the bridge the layer uses.
+
+It must give bitwise what the tf.numpy_function bridge gives (the same kernels), hand
+out buffers only TensorFlow owns (outputs from TensorFlow's allocator; an input's buffer
+reused only where nothing else reads it), keep memory bounded over many calls, run
+concurrent calls from TensorFlow's thread pools, and fall back to tf.numpy_function with
+one note where it cannot be built.
+"""
+
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import keras_helpers as kh  # noqa: F401 - sets TensorFlow's log level first
+import tensorflow as tf
+
+from keras_layer import _bridge, _native
+
+CASES = [((6, 5), 1), ((4, 5, 6, 3), 3), ((4, 3, 5, 6), 1), ((3, 4, 5, 6, 2), 4),
+         ((2, 7, 3, 4), 2), ((64, 40, 40, 8), 3)]  # the last is over SERIAL_BELOW
+
+
+def test_the_op_is_built_and_used():
+    # make test builds it (Makefile); CI has a compiler, so it must load here
+    assert _native.load() is not None, _native.status()
+    assert _native.status() == "compiled op"
+    x = tf.ones((4, 3))
+
+    @tf.function
+    def f(x):
+        return _bridge.train(x, None, None, 1, 1e-3)[0]
+
+    graph_ops = {op.type for op in f.get_concrete_function(x).graph.get_operations()}
+    assert "NumbabnTrain" in graph_ops and "PyFunc" not in graph_ops
+
+
+def _run(x, gamma, beta, dy, axis, graph):
+    def step(x, gamma, beta, dy):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            y, mean, var = _bridge.train(x, gamma if gamma.shape[0] else None,
+                                         beta if beta.shape[0] else None, axis, 1e-3)
+            loss = tf.reduce_sum(y * dy)
+        grads = tape.gradient(loss, [x, gamma, beta])
+        y_inf = _bridge.inference(x, gamma if gamma.shape[0] else None,
+                                  beta if beta.shape[0] else None, tf.cast(mean, gamma.dtype),
+                                  tf.cast(var, gamma.dtype) - 0.5, axis, 1e-3)
+        return [y, mean, var, y_inf] + [g for g in grads if g is not None]
+
+    fn = tf.function(step) if graph else step
+    return [t.numpy() for t in fn(x, gamma, beta, dy)]
+
+
+# every case in float32 with gamma and beta, eagerly and in tf.function; float64 and
+# no gamma/beta in tf.function (the same C++ path as eager calls)
+VARIANTS = ([("float32", True, True), ("float32", False, True), ("float64", True, True),
+             ("float32", True, False)])
+
+
+@pytest.mark.parametrize("shape,axis", CASES, ids=[str(c) for c in CASES])
+@pytest.mark.parametrize("dtype,graph,affine", VARIANTS,
+                         ids=["-".join(map(str, v)) for v in VARIANTS])
+def test_op_equals_numpy_function_bridge_bitwise(shape, axis, dtype, graph, affine,
+                                                 request):
+    rng = np.random.default_rng(3)
+    channels = shape[axis]
+    x = tf.constant((1e3 + rng.standard_normal(shape)).astype(dtype))
+    dy = tf.constant(rng.standard_normal(shape).astype(dtype))
+    n = channels if affine else 0
+    gamma = tf.constant(rng.uniform(0.5, 2, n).astype("float32"))
+    beta = tf.constant(rng.standard_normal(n).astype("float32"))
+    ours = _run(x, gamma, beta, dy, axis, graph)
+    request.getfixturevalue("numpy_function_bridge")
+    ref = _run(x, gamma, beta, dy, axis, graph)
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()
+    # a negative moving variance (y_inf: var - 0.5) gives NaN in its channel, as stock
+    assert np.isnan(ours[3]).any() == bool((ours[2] - 0.5 + 1e-3 < 0).any())
+
+
+def test_outputs_are_never_overwritten_while_tensorflow_holds_them():
+    """Outputs of one step stay intact while later steps run (TensorFlow owns them), and
+    an input whose buffer the op could reuse is not changed while something reads it."""
+    rng = np.random.default_rng(5)
+    xs = [tf.constant(rng.standard_normal((16, 9, 9, 8)).astype("float32")) for _ in range(4)]
+
+    @tf.function
+    def step(x):
+        h = x * 2.0  # a fresh intermediate: the op may take over its buffer...
+        y, _, _ = _bridge.train(h, None, None, 3, 1e-3)
+        y_inf = _bridge.inference(h, None, None, tf.zeros(8), tf.ones(8), 3, 1e-3)
+        return y, y_inf, h  # ...unless something else still reads it, as here
+
+    held = [step(x) for x in xs]
+    for x, (y, y_inf, h) in zip(xs, held):
+        np.testing.assert_array_equal(h.numpy(), x.numpy() * 2.0)
+        a = x.numpy().astype(np.float64) * 2.0
+        expect = (a - a.mean((0, 1, 2))) / np.sqrt(a.var((0, 1, 2)) + 1e-3)
+        np.testing.assert_allclose(y.numpy(), expect, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(y_inf.numpy(), a / np.sqrt(1 + 1e-3), rtol=1e-6)
+
+
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
+def test_memory_stays_bounded_over_10000_calls():
+    x = tf.constant(np.random.default_rng(6).standard_normal((32, 8, 8, 16)), tf.float32)
+    layer = kh.OURS()
+    layer.build(x.shape)
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return tape.gradient(tf.reduce_sum(y * y), x), layer(x, training=False)
+
+    for _ in range(500):
+        step(x)
+    before = _rss_mb()
+    for _ in range(10_000):
+        step(x)
+    grown = _rss_mb() - before
+    assert grown < 16, f"RSS grew by {grown:.1f} MB over 10,000 calls"
+
+
+def test_concurrent_ops_from_tensorflow_threads():
+    """Independent BN ops in one graph run on TensorFlow's inter-op threads at once."""
+    rng = np.random.default_rng(8)
+    xs = [tf.constant(rng.standard_normal((64, 40, 40, 8)).astype("float32") + i)
+          for i in range(4)]
+
+    @tf.function
+    def parallel(*xs):
+        return [_bridge.train(x, None, None, 3, 1e-3)[0] for x in xs]
+
+    expected = [_bridge.train(x, None, None, 3, 1e-3)[0].numpy() for x in xs]
+    for _ in range(5):
+        for got, want in zip(parallel(*xs), expected):
+            assert got.numpy().tobytes() == want.tobytes()
+
+
+def _subprocess(code, **env):
+    full = dict(os.environ, **env)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"),
+                                          full.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full,
+                          capture_output=True, text=True, timeout=300)
+
+
+FALLBACK = """
+    import warnings
+    import numpy as np
+    import keras_helpers as kh
+    import keras_layer
+    from keras_layer import _native
+    x = np.random.default_rng(0).standard_normal((8, 3)).astype("float32")
+    ours, stock = kh.make_pair((None, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = ours(x, training=True)
+        ours(x, training=True)
+    np.testing.assert_allclose(y.numpy(), stock(x, training=True).numpy(), atol=1e-5)
+    notes = [str(w.message) for w in caught if "TensorFlow op" in str(w.message)]
+    print(len(notes), notes[0] if notes else "", _native.status())
+"""
+
+
+def test_without_a_compiler_the_layer_falls_back_with_one_note(tmp_path):
+    proc = _subprocess(FALLBACK, CXX="/bin/false", NUMBABN_OP_DIR=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("1 "), proc.stdout
+    assert "could not be compiled" in proc.stdout and "tf.numpy_function" in proc.stdout
+
+
+def test_opting_out_uses_numpy_function_silently():
+    proc = _subprocess(FALLBACK, NUMBABN_TF_OP="0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("0 "), proc.stdout
+    assert "NUMBABN_TF_OP=0" in proc.stdout

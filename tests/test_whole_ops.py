@@ -1,0 +1,45 @@
+"""The one-call operations (``_kernels_cpu``'s whole operations) equal the passes run
+one by one (``numbabn.stages``) bit for bit, on every layout, dtype and option."""
+
+import numpy as np
+import pytest
+
+import numbabn as nbn
+from cases import CASES, DTYPES, case_id, make_inputs
+from numbabn import stages
+
+
+def _bits_equal(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_whole_operations_equal_their_passes(case, dtype, affine):
+    shape, axis = case
+    x, dy, gamma, beta = make_inputs(shape, axis, dtype, seed=7, loc=3.0)
+    if not affine:
+        gamma = beta = None
+
+    y, stats = nbn.batch_norm_train(x, gamma, beta, axis=axis, eps=1e-3)
+    moments = stages.batch_moments(x, axis)
+    _bits_equal(stats.mean, moments.mean)
+    _bits_equal(stats.var, moments.var)
+    invstd = 1.0 / np.sqrt(moments.var + 1e-3)
+    _bits_equal(stats.invstd, invstd)
+    _bits_equal(y, stages.batch_norm_apply(x, gamma, beta, moments.mean, invstd, axis))
+
+    sums = stages.batch_norm_grad_sums(dy, x, moments.mean, axis)
+    dx, dgamma, dbeta = nbn.batch_norm_backward(dy, x, gamma, stats, axis=axis)
+    _bits_equal(dbeta, sums[0])
+    _bits_equal(dgamma, sums[1] * invstd)
+    _bits_equal(dx, stages.batch_norm_grad_input(dy, x, gamma, moments.mean, invstd, sums,
+                                                 moments.count, axis))
+
+    mm, mv = stats.mean * 0.5, stats.var * 2.0
+    y_inf = nbn.batch_norm_inference(x, gamma, beta, mm, mv, axis=axis, eps=1e-3)
+    _bits_equal(y_inf, stages.batch_norm_apply(x, gamma, beta, mm, 1.0 / np.sqrt(mv + 1e-3),
+                                               axis))
