@@ -47,10 +47,11 @@ demo-numpy: $(VENV)/.demo
 test: $(VENV)/.test
 	$(BIN)/python -m pytest
 
-## bench: kernel and Keras-layer speed tables (floor, TensorFlow's fused kernel, stock layer)
+## bench: kernel, Keras-layer and whole-model (ResNet50, MobileNetV2) speed tables (floor, TensorFlow's fused kernel, stock layer)
 bench: $(VENV)/.bench
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/report.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/keras_report.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/model_report.py
 
 $(HOME)/.asv-machine.json: $(VENV)/.bench
 	$(BIN)/asv machine --yes

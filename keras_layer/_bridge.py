@@ -189,7 +189,13 @@ def inference(x, gamma, beta, moving_mean, moving_var, axis, epsilon):
     The gradient (rarely needed: fine-tuning with a frozen layer, input attributions) is
     plain TensorFlow arithmetic: ``dx = dy * gamma / sqrt(moving_var + eps)``, and the sums
     for gamma and beta.
+
+    Inside a graph, a 4-D input that a convolution just produced runs TensorFlow's
+    ``FusedBatchNormV3`` instead (`_fuses_into_convolution`): grappler folds it into the
+    convolution on CPU, which no separate pass can beat (see the README's model table).
     """
+    if _fuses_into_convolution(x, axis):
+        return _fused_inference(x, gamma, beta, moving_mean, moving_var, axis, epsilon)
     flags = (gamma is not None, beta is not None)
     params = [p for p in (gamma, beta) if p is not None]
     ops = _native_ops(x)
@@ -242,6 +248,35 @@ def inference(x, gamma, beta, moving_mean, moving_var, axis, epsilon):
         return y, grad
 
     return op(x, moving_mean, moving_var, *params)
+
+
+# ------------------------------------------------------- inference after a convolution
+
+#: Ops that produce a convolution's output: the convolution itself, or its bias added
+#: (Keras adds a bias with AddV2, other code with BiasAdd).
+_CONVOLUTIONS = ("Conv2D", "DepthwiseConv2dNative")
+
+
+def _fuses_into_convolution(x, axis):
+    """Whether ``x`` is a 4-D float32 graph tensor fresh from a convolution."""
+    if tf.executing_eagerly() or x.shape.rank != 4 or axis not in (1, 3):
+        return False
+    if x.dtype != tf.float32 or not hasattr(x, "op"):
+        return False
+    op = x.op
+    if op.type in ("BiasAdd", "AddV2", "Add"):
+        op = op.inputs[0].op
+    return op.type in _CONVOLUTIONS
+
+
+def _fused_inference(x, gamma, beta, moving_mean, moving_var, axis, epsilon):
+    channels = x.shape[axis]
+    y = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=tf.ones([channels]) if gamma is None else tf.cast(gamma, tf.float32),
+        offset=tf.zeros([channels]) if beta is None else tf.cast(beta, tf.float32),
+        mean=tf.cast(moving_mean, tf.float32), variance=tf.cast(moving_var, tf.float32),
+        epsilon=epsilon, data_format="NHWC" if axis == 3 else "NCHW", is_training=False)[0]
+    return y
 
 
 # ------------------------------------------------------------------ the compiled op

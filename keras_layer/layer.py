@@ -61,9 +61,10 @@ class BatchNormalization(_STOCK):
 
     Same constructor, weights, ``call`` semantics and config as Keras 3's layer (it is a
     subclass, so ``isinstance(layer, keras.layers.BatchNormalization)`` holds). Forward
-    and gradient run numbabn's Numba kernels through ``tf.numpy_function`` and
-    ``tf.custom_gradient``: one pass for the statistics, one for the output, two for the
-    gradient, with float64 accumulation (accurate for large-mean inputs, where the stock
+    and gradient run numbabn's Numba kernels inside a compiled TensorFlow op (or, for
+    float16 and where it cannot be built, through ``tf.numpy_function``; see
+    ``keras_layer._bridge``) and ``tf.custom_gradient``: one pass for the statistics,
+    one for the output, two for the gradient, with float64 accumulation (accurate for large-mean inputs, where the stock
     layer loses digits) and bitwise-deterministic results.
 
     Parameters
@@ -176,12 +177,12 @@ class BatchNormalization(_STOCK):
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         # TensorFlow's SavedModel writer walks every trackable object: stop it here, since
-        # the graph's numpy_function ops cannot run outside this Python process.
+        # the graph's numbabn ops (or numpy_function ops) run Numba code of this process.
         if save_type == "savedmodel":
             raise ValueError(
                 f"Layer '{self.name}' (keras_layer.BatchNormalization) cannot be exported as "
-                "a TensorFlow SavedModel: it runs numbabn's NumPy kernels through "
-                "tf.numpy_function, which a served artifact cannot call. Export "
+                "a TensorFlow SavedModel: it runs numbabn's Numba kernels, which a served "
+                "artifact cannot load. Export "
                 "keras_layer.convert(model, to='keras') instead: the same model with stock "
                 "BatchNormalization layers and the same weights.")
         return super()._trackable_children(save_type, **kwargs)

@@ -69,6 +69,8 @@ def channel_vector(v, name, channels, optional=False, device=False, anchor="x"):
     """
     if v is None and optional:
         return None
+    if type(v) is np.ndarray and v.dtype in FLOAT_DTYPES and v.shape == (channels,):
+        return v.astype(np.float64, copy=False)  # the common case, checked at once
     arr = float_array(v, name)
     on_gpu = _device.is_device_array(arr)
     if on_gpu and not device:

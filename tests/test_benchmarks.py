@@ -16,7 +16,7 @@ def test_every_benchmark_runs_once_on_small_inputs():
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     ran = report["ran"]
-    for suite in ("bench_kernels", "bench_keras", "bench_cuda"):
+    for suite in ("bench_kernels", "bench_keras", "bench_models", "bench_cuda"):
         assert any(name.startswith(suite) for name in report["classes"]), suite
     # every CPU class ran (the GPU ones need a GPU)
     for cls in report["classes"]:

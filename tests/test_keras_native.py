@@ -188,3 +188,35 @@ def test_opting_out_uses_numpy_function_silently():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("0 "), proc.stdout
     assert "NUMBABN_TF_OP=0" in proc.stdout
+
+
+def _graph_op_types(fn, *args):
+    return [op.type for op in fn.get_concrete_function(*args).graph.get_operations()]
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_inference_after_a_convolution_runs_tensorflows_fused_op(use_bias, depthwise):
+    """In a graph, inference right after a convolution is FusedBatchNormV3, which grappler
+    folds into the convolution; everywhere else it is numbabn's op. Both agree with the
+    stock layer."""
+    import keras
+
+    conv = (keras.layers.DepthwiseConv2D(3, use_bias=use_bias) if depthwise
+            else keras.layers.Conv2D(8, 3, use_bias=use_bias))
+    ours, stock = kh.make_pair((None, 10, 10, 8))
+    x = tf.constant(np.random.default_rng(9).standard_normal((4, 12, 12, 8)), tf.float32)
+    conv(x)
+
+    def model(layer):
+        return tf.function(lambda x: layer(conv(x), training=False))
+
+    types = _graph_op_types(model(ours), x)
+    assert "FusedBatchNormV3" in types and "NumbabnInference" not in types
+    np.testing.assert_allclose(model(ours)(x).numpy(), model(stock)(x).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    # the same layer on a tensor no convolution produced, and eagerly: numbabn's op
+    assert "NumbabnInference" in _graph_op_types(
+        tf.function(lambda h: ours(h, training=False)), conv(x))
+    np.testing.assert_allclose(ours(conv(x), training=False).numpy(),
+                               stock(conv(x), training=False).numpy(), rtol=1e-5, atol=1e-5)

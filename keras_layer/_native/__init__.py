@@ -169,7 +169,3 @@ def main():
     except (RuntimeError, OSError) as exc:
         print(f"numbabn's TensorFlow op was not built ({exc}); keras_layer will use "
               "tf.numpy_function", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

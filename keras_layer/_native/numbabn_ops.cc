@@ -144,6 +144,10 @@ class TrainOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
   }
 
+  // Run on the executor's own thread: handing the op to the inter-op pool costs a
+  // thread switch per call, and the op parallelizes itself where that pays.
+  bool IsExpensive() override { return false; }
+
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
     const double eps = ctx->input(3).scalar<double>()();
@@ -183,6 +187,10 @@ class InferenceOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
   }
 
+  // Run on the executor's own thread: handing the op to the inter-op pool costs a
+  // thread switch per call, and the op parallelizes itself where that pays.
+  bool IsExpensive() override { return false; }
+
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
     const double eps = ctx->input(5).scalar<double>()();
@@ -215,6 +223,10 @@ class TrainGradOp : public OpKernel {
   explicit TrainGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
   }
+
+  // Run on the executor's own thread: handing the op to the inter-op pool costs a
+  // thread switch per call, and the op parallelizes itself where that pays.
+  bool IsExpensive() override { return false; }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& dy = ctx->input(0);

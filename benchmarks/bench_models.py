@@ -1,0 +1,122 @@
+"""asv benchmarks of whole Keras models: fifty BN layers in a model, not one big shape.
+
+`Models`: ``keras.applications`` ResNet50 and MobileNetV2 (``weights=None``, 64x64x3
+inputs, 10 classes, batch 32), each cloned into four variants with the same weights:
+the stock Keras BN, numbabn's layer (``keras_layer.convert``), TF's fused op in a Keras
+layer, and BN replaced by Identity (the bound). ``track_ms_*`` are the median ms of one
+``train_on_batch`` / ``predict_on_batch``; ``track_speedup_vs_stock_*`` stock / numbabn;
+``track_bn_cost_ratio_vs_fused_*`` numbabn's BN cost over the fused op's, a BN cost being
+the variant's time minus the bound's.
+
+Why ``track_`` and not ``time_``: the four variants must be timed in turns, in one
+process (a model's step is ~0.1-1 s on a small machine, and load drifts), and building,
+checking and tracing them takes ~2 minutes a model, too long to repeat in each of asv's
+per-benchmark processes. So ``setup_cache`` (asv runs it once per commit, in one
+process, and fails every benchmark of the class if it raises) builds both models,
+checks the variants against the stock model (`_model_common.check_variants`) and times
+them interleaved; each ``track_`` returns one figure of that measurement.
+
+With NUMBABN_BENCH_SMALL=1 (the suite's run-once test) each model name stands for a
+small model of the same kind, 32x32, batch 2, one round.
+"""
+
+import os
+
+# Before Numba or TensorFlow load (see _common): spinning OpenMP threads left by one
+# library's kernel slow the other library's next operation.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from ._common import SMALL_RUN  # noqa: E402
+from ._model_common import (  # noqa: E402
+    MODELS, bn_cost_ratio, measure_model, speedup_vs_stock,
+)
+
+#: asv's settings: 5 rounds of >= 0.5 s blocks (1 round of single steps when small)
+ROUNDS, MIN_BLOCK = (1, 0.0) if SMALL_RUN else (5, 0.5)
+
+
+def measure_models():
+    """``{model: measure_model(model)}`` for every model of `MODELS` (setup_cache).
+
+    Without TensorFlow/Keras, ``{"skip": why}``: `Models.setup` then skips the class.
+    Raises AssertionError if a variant disagrees with the stock model.
+    """
+    try:
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+    except ImportError as exc:
+        return {"skip": f"tensorflow/keras not importable: {exc}"}
+    return {name: measure_model(name, rounds=ROUNDS, min_block=MIN_BLOCK)
+            for name in MODELS}
+
+
+# ResNet50 and MobileNetV2: ~2 min each to build, check and trace on 2 cores, then
+# ~1 min each of timing
+measure_models.timeout = 1200
+
+
+class Models:
+    """ms per step of four variants of a model, measured in turns in one process
+    (see the module docstring)."""
+
+    params = [list(MODELS)]
+    param_names = ["model"]
+    timeout = 1200
+
+    setup_cache = staticmethod(measure_models)
+
+    def setup(self, results, model):
+        if "skip" in results:
+            raise NotImplementedError(results["skip"])
+        self.ms = results[model]["ms"]
+
+    def track_ms_train_stock(self, results, model):
+        return self.ms["train"]["stock"]
+
+    def track_ms_train_numbabn(self, results, model):
+        return self.ms["train"]["numbabn"]
+
+    def track_ms_train_fused(self, results, model):
+        return self.ms["train"]["fused"]
+
+    def track_ms_train_no_bn(self, results, model):
+        return self.ms["train"]["no_bn"]
+
+    def track_ms_inference_stock(self, results, model):
+        return self.ms["inference"]["stock"]
+
+    def track_ms_inference_numbabn(self, results, model):
+        return self.ms["inference"]["numbabn"]
+
+    def track_ms_inference_fused(self, results, model):
+        return self.ms["inference"]["fused"]
+
+    def track_ms_inference_no_bn(self, results, model):
+        return self.ms["inference"]["no_bn"]
+
+    def track_speedup_vs_stock_train(self, results, model):
+        return speedup_vs_stock(self.ms, "train")
+
+    def track_speedup_vs_stock_inference(self, results, model):
+        return speedup_vs_stock(self.ms, "inference")
+
+    def track_bn_cost_ratio_vs_fused_train(self, results, model):
+        """(numbabn - no_bn) / (fused - no_bn); NaN if fused - no_bn <= 0 (noise)."""
+        return bn_cost_ratio(self.ms, "train")
+
+    def track_bn_cost_ratio_vs_fused_inference(self, results, model):
+        return bn_cost_ratio(self.ms, "inference")
+
+    track_ms_train_stock.unit = "ms"
+    track_ms_train_numbabn.unit = "ms"
+    track_ms_train_fused.unit = "ms"
+    track_ms_train_no_bn.unit = "ms"
+    track_ms_inference_stock.unit = "ms"
+    track_ms_inference_numbabn.unit = "ms"
+    track_ms_inference_fused.unit = "ms"
+    track_ms_inference_no_bn.unit = "ms"
+    track_speedup_vs_stock_train.unit = "x"
+    track_speedup_vs_stock_inference.unit = "x"
+    track_bn_cost_ratio_vs_fused_train.unit = "x"
+    track_bn_cost_ratio_vs_fused_inference.unit = "x"
