@@ -137,16 +137,25 @@ Status Entry(Slot slot, Fn* fn) {
   return Status();
 }
 
-template <typename T, typename P>
-class TrainOp : public OpKernel {
+// What the three ops share: the channel axis attribute, and running inline.
+class NumbabnOp : public OpKernel {
  public:
-  explicit TrainOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit NumbabnOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
   }
 
   // Run on the executor's own thread: handing the op to the inter-op pool costs a
   // thread switch per call, and the op parallelizes itself where that pays.
   bool IsExpensive() override { return false; }
+
+ protected:
+  int axis_;
+};
+
+template <typename T, typename P>
+class TrainOp : public NumbabnOp {
+ public:
+  using NumbabnOp::NumbabnOp;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
@@ -175,21 +184,12 @@ class TrainOp : public OpKernel {
        mean->flat<double>().data(), var->flat<double>().data(), invstd->flat<double>().data(),
        b.outer, b.channels, b.inner, eps);
   }
-
- private:
-  int axis_;
 };
 
 template <typename T, typename P>
-class InferenceOp : public OpKernel {
+class InferenceOp : public NumbabnOp {
  public:
-  explicit InferenceOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
-  }
-
-  // Run on the executor's own thread: handing the op to the inter-op pool costs a
-  // thread switch per call, and the op parallelizes itself where that pays.
-  bool IsExpensive() override { return false; }
+  using NumbabnOp::NumbabnOp;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
@@ -212,21 +212,12 @@ class InferenceOp : public OpKernel {
     fn(x.flat<T>().data(), y->flat<T>().data(), gamma.data(), beta.data(), mm.data(),
        mv.data(), b.outer, b.channels, b.inner, eps);
   }
-
- private:
-  int axis_;
 };
 
 template <typename T, typename P>
-class TrainGradOp : public OpKernel {
+class TrainGradOp : public NumbabnOp {
  public:
-  explicit TrainGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("axis", &axis_));
-  }
-
-  // Run on the executor's own thread: handing the op to the inter-op pool costs a
-  // thread switch per call, and the op parallelizes itself where that pays.
-  bool IsExpensive() override { return false; }
+  using NumbabnOp::NumbabnOp;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& dy = ctx->input(0);
@@ -263,9 +254,6 @@ class TrainGradOp : public OpKernel {
       s(c) = static_cast<P>(db[c]);
     }
   }
-
- private:
-  int axis_;
 };
 
 // Output 0 has the shape of input ``like``; outputs 1..channel_outputs are (C,).
