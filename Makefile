@@ -50,6 +50,7 @@ test: $(VENV)/.test
 ## bench: kernel, Keras-layer and whole-model (ResNet50, MobileNetV2) speed tables (floor, TensorFlow's fused kernel, stock layer)
 bench: $(VENV)/.bench
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/report.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/overhead_report.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/keras_report.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/model_report.py
 

@@ -36,3 +36,11 @@ def test_asv_check_finds_no_problems():
                                    NUMBABN_BENCH_SMALL="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "No problems found" in proc.stdout + proc.stderr
+
+
+def test_overhead_report_checks_and_prints(capsys):
+    from benchmarks import overhead_report
+
+    overhead_report.main(["--repeat", "1"])
+    out = capsys.readouterr().out
+    assert out.count("| (64, 256) |") == 3 and "speed-up" in out
