@@ -24,9 +24,10 @@ def convert(model, to="numbabn"):
     model : keras.Model
         A Sequential or functional model.
     to : {"numbabn", "keras"}
-        ``"keras"`` is the export path: a model with numbabn layers runs NumPy code
-        through ``tf.numpy_function`` and cannot be saved as a TensorFlow SavedModel for
-        serving, the converted one can (``model.export(path)``).
+        ``"keras"`` is the export path: a model with numbabn layers runs Numba code of
+        this process (numbabn's TensorFlow op, or ``tf.numpy_function``) and cannot be
+        saved as a TensorFlow SavedModel for serving, the converted one can
+        (``model.export(path)``).
 
     Returns
     -------

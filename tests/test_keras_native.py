@@ -89,7 +89,8 @@ def test_outputs_are_never_overwritten_while_tensorflow_holds_them():
     """Outputs of one step stay intact while later steps run (TensorFlow owns them), and
     an input whose buffer the op could reuse is not changed while something reads it."""
     rng = np.random.default_rng(5)
-    xs = [tf.constant(rng.standard_normal((16, 9, 9, 8)).astype("float32")) for _ in range(4)]
+    # 512 KiB each: outputs come from the op's buffer pool (from 256 KiB up)
+    xs = [tf.constant(rng.standard_normal((16, 32, 32, 8)).astype("float32")) for _ in range(4)]
 
     @tf.function
     def step(x):
@@ -112,8 +113,18 @@ def _rss_mb():
         return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
 
 
-def test_memory_stays_bounded_over_10000_calls():
-    x = tf.constant(np.random.default_rng(6).standard_normal((32, 8, 8, 16)), tf.float32)
+def _pool_cached_mb():
+    import ctypes
+
+    lib = ctypes.CDLL(str(_native.library_path()))
+    lib.numbabn_pool_cached_bytes.restype = ctypes.c_int64
+    return lib.numbabn_pool_cached_bytes() / 2 ** 20
+
+
+@pytest.mark.parametrize("shape,calls", [((32, 8, 8, 16), 10_000), ((32, 32, 32, 16), 1000)],
+                         ids=["TensorFlow's allocator", "pooled"])
+def test_memory_stays_bounded_over_many_calls(shape, calls):
+    x = tf.constant(np.random.default_rng(6).standard_normal(shape), tf.float32)
     layer = kh.OURS()
     layer.build(x.shape)
 
@@ -124,13 +135,15 @@ def test_memory_stays_bounded_over_10000_calls():
             y = layer(x, training=True)
         return tape.gradient(tf.reduce_sum(y * y), x), layer(x, training=False)
 
-    for _ in range(500):
+    for _ in range(200):
         step(x)
-    before = _rss_mb()
-    for _ in range(10_000):
+    before, pool_before = _rss_mb(), _pool_cached_mb()
+    for _ in range(calls):
         step(x)
     grown = _rss_mb() - before
-    assert grown < 16, f"RSS grew by {grown:.1f} MB over 10,000 calls"
+    assert grown < 16, f"RSS grew by {grown:.1f} MB over {calls} calls"
+    # the pool reuses its buffers: what it holds free does not grow either
+    assert _pool_cached_mb() - pool_before < 8
 
 
 def test_concurrent_ops_from_tensorflow_threads():
@@ -220,3 +233,21 @@ def test_inference_after_a_convolution_runs_tensorflows_fused_op(use_bias, depth
         tf.function(lambda h: ours(h, training=False)), conv(x))
     np.testing.assert_allclose(ours(conv(x), training=False).numpy(),
                                stock(conv(x), training=False).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_large_outputs_reuse_pooled_buffers_once_released():
+    """A large output's buffer returns to the pool when TensorFlow drops it, and the
+    next call gets it back (no fresh pages); while it is held, it is not handed out."""
+    x = tf.constant(np.random.default_rng(10).standard_normal((64, 32, 32, 16)), tf.float32)
+
+    def address(t):
+        return np.from_dlpack(t).ctypes.data
+
+    y = _bridge.train(x, None, None, 3, 1e-3)[0]
+    first = address(y)
+    held = _bridge.train(x, None, None, 3, 1e-3)[0]
+    assert address(held) != first  # y still holds its buffer
+    del y
+    again = _bridge.train(x, None, None, 3, 1e-3)[0]
+    assert address(again) == first
+    np.testing.assert_array_equal(again.numpy(), held.numpy())
