@@ -9,6 +9,11 @@ counts, and large means keep their digits, where the stock layer's
 and ``dy * (x - mean)`` the same way before each replica computes its ``dx``; ``gamma``
 and ``beta`` get their local sums, which the strategy adds up across replicas as for any
 other variable.
+
+A replica may hold no examples (say, the last batch of an epoch split over more workers
+than it has examples): it contributes a zero count and zero sums, which the merge skips
+or adds as nothing, and gets an empty output and ``dx`` (the kernels themselves refuse
+an empty batch). Only a global batch with no examples at all is an error.
 """
 
 import numpy as np
@@ -27,6 +32,8 @@ def train(x, gamma, beta, axis, epsilon, replica_context):
     channels = x.shape[axis]
 
     def local_moments(x_np):
+        if x_np.size == 0:  # no examples here: a zero count, which merge_moments skips
+            return np.zeros((3, channels))
         return np.stack(stages.batch_moments(x_np, axis=axis))
 
     def merge(gathered):
@@ -47,6 +54,8 @@ def train(x, gamma, beta, axis, epsilon, replica_context):
         def forward(x_np, mean_np, invstd_np, *params_np):
             g, b = _channel_params(params_np, flags)
             y = _aligned_empty(x_np.shape, x_np.dtype)
+            if x_np.size == 0:
+                return y
             return stages.batch_norm_apply(x_np, g, b, mean_np, invstd_np, axis=axis, out=y)
 
         y = tf.numpy_function(forward, [x, mean, invstd, *params], x.dtype, stateful=False,
@@ -55,6 +64,8 @@ def train(x, gamma, beta, axis, epsilon, replica_context):
 
         def grad(dy, *_unused):
             def sums(dy_np, x_np, mean_np):
+                if x_np.size == 0:
+                    return np.zeros((2, channels))
                 return stages.batch_norm_grad_sums(dy_np, x_np, mean_np, axis=axis)
 
             local_sums = tf.numpy_function(sums, [dy, x, mean], tf.float64, stateful=False,
@@ -69,8 +80,9 @@ def train(x, gamma, beta, axis, epsilon, replica_context):
                 for part in all_np:  # replica order: the same bits on every replica
                     total += part
                 dx = _aligned_empty(x_np.shape, x_np.dtype)
-                stages.batch_norm_grad_input(dy_np, x_np, g, mean_np, invstd_np, total,
-                                             count_np, axis=axis, out=dx)
+                if x_np.size:
+                    stages.batch_norm_grad_input(dy_np, x_np, g, mean_np, invstd_np, total,
+                                                 count_np, axis=axis, out=dx)
                 return _param_grads(dx, local_np[1] * invstd_np, local_np[0], flags, params_np)
 
             return _gradient_op(

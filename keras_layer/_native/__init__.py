@@ -145,7 +145,10 @@ def load():
     or ``None`` where the layer must use the ``tf.numpy_function`` bridge (noted once)."""
     with _lock:
         if "ops" not in _state:
-            _state["ops"], _state["why"] = _load()
+            try:
+                _state["ops"], _state["why"] = _load()
+            except Exception as exc:  # noqa: BLE001 - any failure means: the Python bridge
+                _state["ops"], _state["why"] = None, f"loading it failed: {exc!r}"
             if _state["ops"] is None and os.environ.get("NUMBABN_TF_OP") != "0":
                 warnings.warn(f"keras_layer: numbabn's TensorFlow op is not used ("
                               f"{_state['why']}); the layer calls the kernels through "
