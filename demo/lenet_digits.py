@@ -136,15 +136,6 @@ def bn_step(bn_class, shapes):
     return step
 
 
-def bridge_fns():
-    """A tf.function calling a NumPy no-op through tf.numpy_function on a tiny tensor,
-    and the same with tf.identity: the difference is the cost of one bridge crossing."""
-    x = tf.zeros(4)
-    return {"numpy no-op": tf.function(lambda: tf.numpy_function(lambda a: a, [x],
-                                                                 tf.float32)),
-            "tf.identity": tf.function(lambda: tf.identity(x))}
-
-
 def main():
     data = load_data()
     print(f"digits: {len(data[0])} train / {len(data[1])} test images, upsampled to "
@@ -170,8 +161,7 @@ def main():
              for case, case_shapes in cases.items()
              for kind, bn_class in [("stock", layers.BatchNormalization),
                                     ("numbabn", keras_layer.BatchNormalization)]}
-    seconds = best_of({**steps, **bridge_fns()})
-    bridge = seconds["numpy no-op"] - seconds["tf.identity"]
+    seconds = best_of(steps)
 
     print(f"\n{'':36}{'stock':>10}{'numbabn':>10}")
     rows = [("test accuracy", lambda n: f"{results[n][0]:.2%}"),
@@ -187,12 +177,12 @@ def main():
         stock_s, ours_s = seconds[("stock", case)], seconds[("numbabn", case)]
         print(f"  {case:34}{1e3 * stock_s:>10.2f}{1e3 * ours_s:>10.2f}"
               f"{stock_s / ours_s:>9.2f}x")
-    print(f"Why: numbabn's layer calls into NumPy twice per step (tf.numpy_function, measured "
-          f"{1e6 * bridge:.0f} us a call here).\n  On the dense layers' tiny inputs that is "
-          "most of its time; the larger the activation, the more its\n  kernels save over "
-          "Keras's dozens of small TF ops (moments, normalization, their gradients).\n  "
-          "benchmarks/keras_report.py has a 51 MB activation.")
+    from keras_layer import _native
 
+    print(f"numbabn's layer ran its kernels through: {_native.status()}. Each BN step is a "
+          "few TensorFlow ops\n  around numbabn's kernels, where Keras's layer runs dozens "
+          "of small ones (moments,\n  normalization, their gradients); benchmarks/"
+          "model_report.py times whole models.")
 
 if __name__ == "__main__":
     main()
