@@ -54,9 +54,22 @@ def library_path():
 
     key = hashlib.sha256(SOURCE.read_bytes() + tf.__version__.encode()
                          + " ".join(_flags()).encode()).hexdigest()[:16]
-    root = os.environ.get("NUMBABN_OP_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "numbabn")
-    return Path(root) / f"numbabn_tf_ops_{key}.so"
+    return _root() / f"numbabn_tf_ops_{key}.so"
+
+
+def _root():
+    """``NUMBABN_OP_DIR``, else ``~/.cache/numbabn``, else (not writable) a folder in the
+    temporary directory."""
+    if os.environ.get("NUMBABN_OP_DIR"):
+        return Path(os.environ["NUMBABN_OP_DIR"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "numbabn")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if os.access(cache, os.W_OK):
+            return cache
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir(), f"numbabn-{os.getuid()}")
 
 
 def build(quiet=False):
