@@ -8,7 +8,8 @@ GIL and no fresh pages per call, where ``tf.numpy_function`` has all three (see
 
 The library is compiled once per TensorFlow version and source (``make test`` and
 ``make demo`` build it; otherwise the first use does, ~20 s) with the C++ compiler and
-``tf.sysconfig``'s flags, into ``NUMBABN_OP_DIR`` or ``~/.cache/numbabn``. `load` returns
+``tf.sysconfig``'s flags, into ``NUMBABN_OP_DIR``, ``~/.cache/numbabn`` or a temporary
+folder where that is not writable (`_root`). `load` returns
 ``None``, and the layer keeps the ``tf.numpy_function`` bridge, with one note saying why,
 when the op cannot be used: no compiler, a failed build, ``NUMBABN_TF_OP=0`` in the
 environment, or Numba's non-thread-safe ``workqueue`` threading layer (TensorFlow runs
