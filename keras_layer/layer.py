@@ -64,8 +64,10 @@ class BatchNormalization(_STOCK):
     and gradient run numbabn's Numba kernels inside a compiled TensorFlow op (or, for
     float16 and where it cannot be built, through ``tf.numpy_function``; see
     ``keras_layer._bridge``) and ``tf.custom_gradient``: one pass for the statistics,
-    one for the output, two for the gradient, with float64 accumulation (accurate for large-mean inputs, where the stock
-    layer loses digits) and bitwise-deterministic results.
+    one for the output, two for the gradient, with float64 accumulation (accurate for
+    large-mean inputs, where the stock layer loses digits) and bitwise-deterministic
+    results. Inference right after a convolution runs TensorFlow's fused op instead,
+    which grappler folds into the convolution.
 
     Parameters
     ----------
