@@ -21,6 +21,8 @@ memory-bound, so the wider arithmetic is free and the float32 outputs are correc
 rounded results of float64 computations.
 """
 
+import types as types_module
+
 import numba
 import numpy as np
 from numba import carray, cfunc, njit, prange, types
@@ -441,6 +443,48 @@ def backward_planes(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
     grad_input_planes(dy, x, i_per, mean, k_dy, mean_dy, k_x, dx)
 
 
+# ================================================================== serial twins
+# Small inputs run on the calling thread (``config.SERIAL_BELOW``). A ``parallel=True``
+# function run with one thread still enters Numba's parallel runtime (a scheduler call
+# per ``prange`` loop, two thread-count switches around the call: ~4 us of a 12 us
+# (64, 256) training forward here), and under the workqueue layer it must hold the lock.
+# Each function that is or calls a parallel kernel therefore has a serial twin: the same
+# code object compiled without ``parallel`` (``prange`` is then ``range``), whose
+# callees are the twins. Same code, same order of every sum: the same bits.
+
+
+def _twin_function(py, namespace):
+    """``py``'s code with its globals looked up in ``namespace``, under a qualname of its
+    own (Numba names its cache files by qualname)."""
+    twin = types_module.FunctionType(py.__code__, namespace, py.__name__, py.__defaults__)
+    twin.__qualname__ = "serial_" + py.__qualname__
+    return twin
+
+
+def _serial_twins(namespace):
+    """Replace, in ``namespace``, each parallel function and operation by its twin."""
+    parallel = [name for name, f in namespace.items()
+                if isinstance(f, numba.core.registry.CPUDispatcher)
+                and f.targetoptions.get("parallel")]
+    twins = {}
+    for name in parallel + list(OPERATIONS):
+        f = namespace[name]
+        options = {k: v for k, v in f.targetoptions.items()
+                   if k not in ("parallel", "nopython")}
+        # callees are looked up when a twin compiles: by then they are twins too
+        twins[f] = namespace[name] = njit(cache=True, **options)(
+            _twin_function(f.py_func, namespace))
+    return twins
+
+
+#: the compiled operations that call parallel kernels, by name
+OPERATIONS = ("train_rows", "train_planes", "inference_rows", "inference_planes",
+              "backward_rows", "backward_planes")
+_SERIAL_NAMESPACE = dict(globals())
+#: ``{parallel function: its serial twin}``, for every parallel kernel and operation
+SERIAL = _serial_twins(_SERIAL_NAMESPACE)
+
+
 # ==================================================================== C entry points
 # For callers without Python: numbabn's TensorFlow op (``keras_layer._native``) calls
 # these ``@cfunc`` functions with raw pointers into buffers TensorFlow allocated. Every
@@ -452,59 +496,70 @@ def backward_planes(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
 #   inference(x: T*, y: T*, gamma, beta, moving_mean, moving_var: f64*, outer, C, inner, eps)
 #   backward(dy: T*, x: T*, dx: T*, gamma, mean, invstd, dgamma, dbeta: f64*, outer, C, inner)
 #
-# ``y`` may be ``x`` and ``dx`` may be ``dy`` (in place).
+# ``y`` may be ``x`` and ``dx`` may be ``dy`` (in place). Each comes twice: as written,
+# calling the parallel operations, and as a serial twin (``serial_train`` ...) calling
+# theirs, which the op runs on inputs under ``config.SERIAL_BELOW`` elements.
 
+
+def _entry_train(x, y, gamma, beta, mean, var, invstd, outer, C, inner, eps):
+    g, b = carray(gamma, C), carray(beta, C)
+    m, v, s = carray(mean, C), carray(var, C), carray(invstd, C)
+    if inner == 1:
+        train_rows(carray(x, (outer, C)), g, b, eps, m, v, s, carray(y, (outer, C)))
+    else:
+        shape = (outer, C, inner)
+        train_planes(carray(x, shape), g, b, eps, m, v, s, carray(y, shape))
+
+
+def _entry_inference(x, y, gamma, beta, moving_mean, moving_var, outer, C, inner, eps):
+    g, b = carray(gamma, C), carray(beta, C)
+    m, v = carray(moving_mean, C), carray(moving_var, C)
+    if inner == 1:
+        inference_rows(carray(x, (outer, C)), g, b, m, v, eps, carray(y, (outer, C)))
+    else:
+        shape = (outer, C, inner)
+        inference_planes(carray(x, shape), g, b, m, v, eps, carray(y, shape))
+
+
+def _entry_backward(dy, x, dx, gamma, mean, invstd, dgamma, dbeta, outer, C, inner):
+    g, m, s = carray(gamma, C), carray(mean, C), carray(invstd, C)
+    dg, db = carray(dgamma, C), carray(dbeta, C)
+    if inner == 1:
+        shape = (outer, C)
+        backward_rows(carray(dy, shape), carray(x, shape), g, m, s, carray(dx, shape), dg, db)
+    else:
+        shape = (outer, C, inner)
+        backward_planes(carray(dy, shape), carray(x, shape), g, m, s, carray(dx, shape),
+                        dg, db)
+
+
+def _entry_signatures(t):
+    p = types.CPointer(t)
+    f64 = types.CPointer(types.float64)
+    i64 = types.int64
+    return {"train": types.void(p, p, f64, f64, f64, f64, f64, i64, i64, i64, types.float64),
+            "inference": types.void(p, p, f64, f64, f64, f64, i64, i64, i64, types.float64),
+            "backward": types.void(p, p, p, f64, f64, f64, f64, f64, i64, i64, i64)}
+
+
+_ENTRY_BODIES = {"train": _entry_train, "inference": _entry_inference,
+                 "backward": _entry_backward}
 _entry_points = {}
 
 
 def c_entry_points(dtype):
-    """``{"train": address, "inference": ..., "backward": ...}`` of the C entry points
-    for ``dtype`` ("float32" or "float64"), compiled (or loaded from the cache) on first
-    use; the functions stay alive as long as the process."""
+    """``{"train": address, "inference": ..., "backward": ..., "serial_train": ...,
+    "serial_inference": ..., "serial_backward": ...}``: the C entry points for ``dtype``
+    ("float32" or "float64"), compiled (or loaded from the cache) on first use; the
+    functions stay alive as long as the process."""
     dtype = str(dtype)
     if dtype not in _entry_points:
         numba.get_num_threads()  # the threading layer must run first: see above
-        _entry_points[dtype] = _compile_entry_points(getattr(types, dtype))
+        compiled = {}
+        for name, signature in _entry_signatures(getattr(types, dtype)).items():
+            body = _ENTRY_BODIES[name]
+            compiled[name] = cfunc(signature, cache=True)(body)
+            compiled["serial_" + name] = cfunc(signature, cache=True)(
+                _twin_function(body, _SERIAL_NAMESPACE))
+        _entry_points[dtype] = compiled
     return {name: f.address for name, f in _entry_points[dtype].items()}
-
-
-def _compile_entry_points(t):
-    p = types.CPointer(t)
-    f64 = types.CPointer(types.float64)
-    i64 = types.int64
-
-    @cfunc(types.void(p, p, f64, f64, f64, f64, f64, i64, i64, i64, types.float64),
-           cache=True)
-    def train(x, y, gamma, beta, mean, var, invstd, outer, C, inner, eps):
-        g, b = carray(gamma, C), carray(beta, C)
-        m, v, s = carray(mean, C), carray(var, C), carray(invstd, C)
-        if inner == 1:
-            train_rows(carray(x, (outer, C)), g, b, eps, m, v, s, carray(y, (outer, C)))
-        else:
-            shape = (outer, C, inner)
-            train_planes(carray(x, shape), g, b, eps, m, v, s, carray(y, shape))
-
-    @cfunc(types.void(p, p, f64, f64, f64, f64, i64, i64, i64, types.float64), cache=True)
-    def inference(x, y, gamma, beta, moving_mean, moving_var, outer, C, inner, eps):
-        g, b = carray(gamma, C), carray(beta, C)
-        m, v = carray(moving_mean, C), carray(moving_var, C)
-        if inner == 1:
-            inference_rows(carray(x, (outer, C)), g, b, m, v, eps, carray(y, (outer, C)))
-        else:
-            shape = (outer, C, inner)
-            inference_planes(carray(x, shape), g, b, m, v, eps, carray(y, shape))
-
-    @cfunc(types.void(p, p, p, f64, f64, f64, f64, f64, i64, i64, i64), cache=True)
-    def backward(dy, x, dx, gamma, mean, invstd, dgamma, dbeta, outer, C, inner):
-        g, m, s = carray(gamma, C), carray(mean, C), carray(invstd, C)
-        dg, db = carray(dgamma, C), carray(dbeta, C)
-        if inner == 1:
-            shape = (outer, C)
-            backward_rows(carray(dy, shape), carray(x, shape), g, m, s, carray(dx, shape),
-                          dg, db)
-        else:
-            shape = (outer, C, inner)
-            backward_planes(carray(dy, shape), carray(x, shape), g, m, s, carray(dx, shape),
-                            dg, db)
-
-    return {"train": train, "inference": inference, "backward": backward}

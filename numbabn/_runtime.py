@@ -9,7 +9,8 @@ The first parallel call always runs under the lock, since the layer is only know
 after Numba has started it.
 
 Small inputs run on the calling thread alone (``config.SERIAL_BELOW``): waking a second
-thread costs more than it saves there. The thread count never changes a result (the work
+thread costs more than it saves there. Their kernels' serial twins do not enter the
+thread pool at all, so they run concurrently under any layer. The thread count never changes a result (the work
 split comes from the shape), only the time.
 
 OpenMP threads that spin after a kernel steal the cores TensorFlow or BLAS need next (a
@@ -31,6 +32,7 @@ import numba  # noqa: E402 - after the environment default above
 from numba.np.ufunc import parallel as _parallel  # noqa: E402
 
 from . import config  # noqa: E402
+from ._kernels_cpu import SERIAL  # noqa: E402
 
 _lock = threading.Lock()
 _layer = None
@@ -40,9 +42,15 @@ _THREAD_SAFE = ("tbb", "omp")
 def run_kernel(kernel, size, *args):
     """Call a parallel ``kernel`` over ``size`` elements safely for the threading layer.
 
+    Below ``config.SERIAL_BELOW`` elements a kernel with a serial twin
+    (``_kernels_cpu.SERIAL``) runs the twin: no thread pool, so no lock under any layer.
     A plain function, not a context manager: on small inputs the Python overhead around
     a kernel is most of its cost.
     """
+    if size < config.SERIAL_BELOW:
+        serial = SERIAL.get(kernel)
+        if serial is not None:
+            return serial(*args)
     if _layer in _THREAD_SAFE and size >= config.SERIAL_BELOW:
         return kernel(*args)
     if _layer in _THREAD_SAFE:

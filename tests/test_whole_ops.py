@@ -43,3 +43,45 @@ def test_whole_operations_equal_their_passes(case, dtype, affine):
     y_inf = nbn.batch_norm_inference(x, gamma, beta, mm, mv, axis=axis, eps=1e-3)
     _bits_equal(y_inf, stages.batch_norm_apply(x, gamma, beta, mm, 1.0 / np.sqrt(mv + 1e-3),
                                                axis))
+
+
+def _all_outputs(x, dy, gamma, beta, axis):
+    y, stats = nbn.batch_norm_train(x, gamma, beta, axis=axis)
+    y_inf = nbn.batch_norm_inference(x, gamma, beta, stats.mean, stats.var, axis=axis)
+    dx, dgamma, dbeta = nbn.batch_norm_backward(dy, x, gamma, stats, axis=axis)
+    moments = stages.batch_moments(x, axis)
+    sums = stages.batch_norm_grad_sums(dy, x, moments.mean, axis)
+    applied = stages.batch_norm_apply(x, gamma, beta, moments.mean, stats.invstd, axis)
+    grad = stages.batch_norm_grad_input(dy, x, gamma, moments.mean, stats.invstd, sums,
+                                        moments.count, axis)
+    return [y, *stats, y_inf, dx, dgamma, dbeta, moments.mean, moments.var, *sums, applied,
+            grad]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_serial_twins_equal_the_parallel_kernels(case, dtype, monkeypatch):
+    """Small inputs run serial twins of the kernels (``_kernels_cpu.SERIAL``); forcing
+    the parallel kernels on the same inputs gives the same bits."""
+    from numbabn import _kernels_cpu, _runtime, config
+
+    shape, axis = case
+    x, dy, gamma, beta = make_inputs(shape, axis, dtype, seed=11, loc=1e3)
+    assert x.size < config.SERIAL_BELOW
+    ran = []
+
+    def counted(twin):
+        def call(*args):
+            ran.append(twin)
+            return twin(*args)
+        return call
+
+    monkeypatch.setattr(_runtime, "SERIAL",
+                        {f: counted(twin) for f, twin in _kernels_cpu.SERIAL.items()})
+    serial = _all_outputs(x, dy, gamma, beta, axis)
+    assert len(ran) == 7  # 3 operations and 4 single passes, each a twin
+    monkeypatch.setattr(config, "SERIAL_BELOW", 0)
+    parallel = _all_outputs(x, dy, gamma, beta, axis)
+    assert len(ran) == 7
+    for a, b in zip(serial, parallel):
+        _bits_equal(a, b)

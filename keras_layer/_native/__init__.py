@@ -30,9 +30,9 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("numbabn_ops.cc")
 
 #: ``numbabn_set_entry`` slots, in the order of ``enum Slot`` in numbabn_ops.cc.
-_SLOTS = ("train_float32", "inference_float32", "backward_float32",
-          "train_float64", "inference_float64", "backward_float64",
-          "get_num_threads", "set_num_threads")
+_OPERATIONS = ("train_float32", "inference_float32", "backward_float32",
+               "train_float64", "inference_float64", "backward_float64")
+_SLOTS = _OPERATIONS + tuple("serial_" + name for name in _OPERATIONS)
 
 _lock = threading.Lock()
 _state = {}  # "ops": the loaded module or None; "why": the reason it is None
@@ -118,16 +118,12 @@ def _thread_safe_layer():
 
 
 def _register(lib):
-    from numba.np.ufunc import parallel
-
     from numbabn import _kernels_cpu, config
 
     addresses = {}
     for dtype in ("float32", "float64"):
         for name, address in _kernels_cpu.c_entry_points(dtype).items():
             addresses[f"{name}_{dtype}"] = address
-    for name in ("get_num_threads", "set_num_threads"):
-        addresses[name] = ctypes.cast(getattr(parallel, "_" + name), ctypes.c_void_p).value
     lib.numbabn_set_entry.argtypes = [ctypes.c_int, ctypes.c_void_p]
     for slot, name in enumerate(_SLOTS):
         if lib.numbabn_set_entry(slot, addresses[name]) != 0:

@@ -8,8 +8,10 @@
 // when nothing else reads it, and no Python runs.
 //
 // The entry points' addresses are handed over at load time by keras_layer/_native.py
-// (numbabn_set_entry), as are Numba's get/set_num_threads, which keep small inputs on
-// the calling thread as numbabn's Python API does (numbabn.config.SERIAL_BELOW).
+// (numbabn_set_entry): each operation in a parallel version and a serial twin (the same
+// code compiled without Numba's thread pool), which inputs under
+// numbabn.config.SERIAL_BELOW elements run, as numbabn's Python API does: waking a
+// second thread costs more than it saves there, and the twin never touches the pool.
 // Per-channel vectors are converted to float64 here: the entry points take float64.
 //
 // Full-size outputs: an output takes over its input's buffer when TensorFlow allows it
@@ -51,8 +53,8 @@ namespace shape_inference = tensorflow::shape_inference;
 enum Slot {
   kTrainF32, kInferenceF32, kBackwardF32,
   kTrainF64, kInferenceF64, kBackwardF64,
-  kGetNumThreads, kSetNumThreads,
-  kSlots
+  kSerial,  // kSerial + slot: the serial twin of slot
+  kSlots = 2 * kSerial
 };
 
 std::atomic<void*> g_entries[kSlots];
@@ -64,30 +66,6 @@ using InferenceFn = void (*)(const void*, void*, const double*, const double*, c
                              const double*, int64_t, int64_t, int64_t, double);
 using BackwardFn = void (*)(const void*, const void*, void*, const double*, const double*,
                             const double*, double*, double*, int64_t, int64_t, int64_t);
-using GetThreadsFn = int (*)();
-using SetThreadsFn = void (*)(int);
-
-// Inputs below the serial threshold run on the calling thread: waking Numba's pool costs
-// more than it saves there. Numba's thread count is per calling thread, so this touches
-// only the TensorFlow thread that runs the op.
-class ThreadScope {
- public:
-  explicit ThreadScope(int64_t size) {
-    auto get = reinterpret_cast<GetThreadsFn>(g_entries[kGetNumThreads].load());
-    set_ = reinterpret_cast<SetThreadsFn>(g_entries[kSetNumThreads].load());
-    if (get && set_ && size < g_serial_below.load()) {
-      previous_ = get();
-      set_(1);
-    }
-  }
-  ~ThreadScope() {
-    if (previous_ > 0) set_(previous_);
-  }
-
- private:
-  SetThreadsFn set_ = nullptr;
-  int previous_ = 0;
-};
 
 // ------------------------------------------------------------------- the buffer pool
 
@@ -244,9 +222,12 @@ constexpr Slot InferenceSlot() { return sizeof(T) == 4 ? kInferenceF32 : kInfere
 template <typename T>
 constexpr Slot BackwardSlot() { return sizeof(T) == 4 ? kBackwardF32 : kBackwardF64; }
 
+// The entry point of ``slot`` for an input of ``size`` elements: its serial twin below the
+// threshold.
 template <typename Fn>
-Status Entry(Slot slot, Fn* fn) {
-  *fn = reinterpret_cast<Fn>(g_entries[slot].load());
+Status Entry(Slot slot, int64_t size, Fn* fn) {
+  const int index = size < g_serial_below.load() ? kSerial + slot : slot;
+  *fn = reinterpret_cast<Fn>(g_entries[index].load());
   if (*fn == nullptr) {
     return errors::FailedPrecondition(
         "numbabn's TensorFlow op library was loaded without its entry points; load it "
@@ -289,7 +270,7 @@ class TrainOp : public NumbabnOp {
     OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(1), "gamma", b.channels, &gamma, true, 1.0));
     OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(2), "beta", b.channels, &beta, true, 0.0));
     TrainFn fn;
-    OP_REQUIRES_OK(ctx, Entry(TrainSlot<T>(), &fn));
+    OP_REQUIRES_OK(ctx, Entry(TrainSlot<T>(), x.NumElements(), &fn));
 
     Tensor *y, *mean, *var, *invstd;
     OP_REQUIRES_OK(ctx, FullSizeOutput(ctx, 0, 0, x, &y));
@@ -297,7 +278,6 @@ class TrainOp : public NumbabnOp {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, cs, &mean));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, cs, &var));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, cs, &invstd));
-    ThreadScope threads(x.NumElements());
     fn(x.flat<T>().data(), y->flat<T>().data(), gamma.data(), beta.data(),
        mean->flat<double>().data(), var->flat<double>().data(), invstd->flat<double>().data(),
        b.outer, b.channels, b.inner, eps);
@@ -321,12 +301,11 @@ class InferenceOp : public NumbabnOp {
     OP_REQUIRES_OK(ctx,
                    ChannelVector<P>(ctx->input(4), "moving_variance", b.channels, &mv));
     InferenceFn fn;
-    OP_REQUIRES_OK(ctx, Entry(InferenceSlot<T>(), &fn));
+    OP_REQUIRES_OK(ctx, Entry(InferenceSlot<T>(), x.NumElements(), &fn));
 
     Tensor* y;
     OP_REQUIRES_OK(ctx, FullSizeOutput(ctx, 0, 0, x, &y));
     if (x.NumElements() == 0) return;  // an empty batch normalizes to itself
-    ThreadScope threads(x.NumElements());
     fn(x.flat<T>().data(), y->flat<T>().data(), gamma.data(), beta.data(), mm.data(),
        mv.data(), b.outer, b.channels, b.inner, eps);
   }
@@ -351,7 +330,7 @@ class TrainGradOp : public NumbabnOp {
     std::vector<double> gamma;
     OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(4), "gamma", b.channels, &gamma, true, 1.0));
     BackwardFn fn;
-    OP_REQUIRES_OK(ctx, Entry(BackwardSlot<T>(), &fn));
+    OP_REQUIRES_OK(ctx, Entry(BackwardSlot<T>(), x.NumElements(), &fn));
 
     Tensor *dx, *dgamma, *dbeta;
     OP_REQUIRES_OK(ctx, FullSizeOutput(ctx, 0, 0, x, &dx));
@@ -359,12 +338,9 @@ class TrainGradOp : public NumbabnOp {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, cs, &dgamma));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, cs, &dbeta));
     std::vector<double> dg(b.channels), db(b.channels);
-    {
-      ThreadScope threads(x.NumElements());
-      fn(dy.flat<T>().data(), x.flat<T>().data(), dx->flat<T>().data(), gamma.data(),
-         ctx->input(2).flat<double>().data(), ctx->input(3).flat<double>().data(), dg.data(),
-         db.data(), b.outer, b.channels, b.inner);
-    }
+    fn(dy.flat<T>().data(), x.flat<T>().data(), dx->flat<T>().data(), gamma.data(),
+       ctx->input(2).flat<double>().data(), ctx->input(3).flat<double>().data(), dg.data(),
+       db.data(), b.outer, b.channels, b.inner);
     auto g = dgamma->flat<P>();
     auto s = dbeta->flat<P>();
     for (int64_t c = 0; c < b.channels; ++c) {
