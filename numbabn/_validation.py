@@ -126,6 +126,8 @@ def _same_view(a, b):
 
 
 def positive_float(value, name):
+    if type(value) is float and 0.0 < value < math.inf:  # the common case, at once
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {value!r}")
     if not (math.isfinite(value) and value > 0):
