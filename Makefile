@@ -10,7 +10,7 @@ FACTOR ?= 1.5
 BENCH ?=
 ASV_BENCH := $(if $(BENCH),-b "$(BENCH)",)
 
-.PHONY: demo demo-numpy test bench bench-history bench-gate bench-check clean
+.PHONY: demo demo-numpy demo-torch test bench bench-history bench-gate bench-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,19 @@ demo: $(VENV)/.demo
 ## demo-numpy: an MLP with BN trained in plain NumPy, numbabn vs a NumPy implementation
 demo-numpy: $(VENV)/.demo
 	$(BIN)/python demo/mlp_digits.py
+
+# demo-torch: PyTorch (numbabn[torch]) and scikit-learn only, no TensorFlow. TORCH_INDEX
+# serves PyTorch's CPU-only wheels (PyPI's Linux wheel carries CUDA: gigabytes); set it
+# empty to install from PyPI alone.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+$(VENV)/.demo-torch: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),) \
+		-e ".[torch]" "scikit-learn>=1.3"
+	touch $@
+
+## demo-torch: the seeds' LeNet with BN on digits in PyTorch, stock nn.BatchNorm vs numbabn's, prints the comparison
+demo-torch: $(VENV)/.demo-torch
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python demo/lenet_digits_torch.py
 
 ## test: the whole test suite
 test: $(VENV)/.test
