@@ -9,6 +9,11 @@ N ?= 5
 FACTOR ?= 1.5
 BENCH ?=
 ASV_BENCH := $(if $(BENCH),-b "$(BENCH)",)
+# the PyTorch the test environment gets, installed before numbabn[torch] so that pip keeps
+# it: an exact version whose CPU-only wheel pip finds locally here; a looser spec lets pip
+# pick the default build from PyPI, a multi-GB CUDA one on Linux. Elsewhere, e.g.
+# TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
 
 .PHONY: demo demo-numpy demo-torch test bench bench-history bench-gate bench-check clean
 
@@ -26,6 +31,7 @@ $(VENV)/.demo: $(BIN)/python pyproject.toml $(OP_SOURCE)
 	touch $@
 
 $(VENV)/.test: $(BIN)/python pyproject.toml $(OP_SOURCE)
+	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[test,demo]"
 	$(BIN)/python -m keras_layer._native
 	touch $@
