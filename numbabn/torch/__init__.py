@@ -12,6 +12,9 @@ BatchNorm1d, BatchNorm2d, BatchNorm3d
     ``eval()``); the forward and backward passes are numbabn's.
 convert
     Swap the ``torch.nn.BatchNorm*d`` modules of a model for these, or back.
+SyncBatchNorm
+    ``torch.nn.SyncBatchNorm`` for CPU tensors under ``torch.distributed``: statistics
+    merged across ranks (Chan, in rank order, so every rank holds the same bits).
 
 What runs where
 ---------------
@@ -44,5 +47,6 @@ True
 
 from .convert import convert
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ._sync import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert"]
