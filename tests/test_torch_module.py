@@ -1,8 +1,10 @@
 """numbabn.torch's modules as torch.nn modules: construction, state, convert, bad input,
 memory formats read in place, and what importing pulls in."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 import numbabn.torch as nbt  # noqa: E402
 from numbabn import _cpu  # noqa: E402
+
+README = Path(__file__).parent.parent / "README.md"
 
 
 @pytest.mark.parametrize("kind", [1, 2, 3])
@@ -175,6 +179,15 @@ def test_memory_formats_are_read_and_written_in_place(layout, monkeypatch):
         for array, view in views:
             assert np.shares_memory(array, view)
         assert np.shares_memory(views[0][0], x.detach().numpy())
+
+
+def test_readme_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    block = next(b for b in blocks if "import numbabn.torch" in b)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert type(namespace["stock"][1]) is torch.nn.BatchNorm2d
+    assert int(namespace["stock"][1].num_batches_tracked) == 1
 
 
 def test_imports_stay_apart():
