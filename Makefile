@@ -37,7 +37,8 @@ $(VENV)/.test: $(BIN)/python pyproject.toml $(OP_SOURCE)
 	touch $@
 
 $(VENV)/.bench: $(BIN)/python pyproject.toml $(OP_SOURCE)
-	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[bench,torch]"
 	$(BIN)/python -m keras_layer._native
 	touch $@
 
@@ -49,13 +50,10 @@ demo: $(VENV)/.demo
 demo-numpy: $(VENV)/.demo
 	$(BIN)/python demo/mlp_digits.py
 
-# demo-torch: PyTorch (numbabn[torch]) and scikit-learn only, no TensorFlow. TORCH_INDEX
-# serves PyTorch's CPU-only wheels (PyPI's Linux wheel carries CUDA: gigabytes); set it
-# empty to install from PyPI alone.
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# demo-torch: PyTorch ($(TORCH), see above) and scikit-learn only, no TensorFlow
 $(VENV)/.demo-torch: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),) \
-		-e ".[torch]" "scikit-learn>=1.3"
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[torch]" "scikit-learn>=1.3"
 	touch $@
 
 ## demo-torch: the seeds' LeNet with BN on digits in PyTorch, stock nn.BatchNorm vs numbabn's, prints the comparison
@@ -66,12 +64,13 @@ demo-torch: $(VENV)/.demo-torch
 test: $(VENV)/.test
 	$(BIN)/python -m pytest
 
-## bench: kernel, Keras-layer and whole-model (ResNet50, MobileNetV2) speed tables (floor, TensorFlow's fused kernel, stock layer)
+## bench: kernel, Keras-layer, PyTorch-module and whole-model (ResNet50, MobileNetV2; LeNet, ResNet-18 in PyTorch) speed tables (floor, TensorFlow's fused kernel, stock layer, torch.nn)
 bench: $(VENV)/.bench
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/report.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/overhead_report.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/keras_report.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/model_report.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/torch_report.py
 
 $(HOME)/.asv-machine.json: $(VENV)/.bench
 	$(BIN)/asv machine --yes
