@@ -19,8 +19,9 @@ variance from zeros and biased), the accuracy divided by batches x batch size (w
 for a partial last batch), and ``.cuda()`` everywhere. Here the stock model uses
 ``torch.nn.BatchNorm1d/2d`` and ``numbabn.torch.convert(model, to="numbabn")`` gives the
 same model with numbabn's modules and identical weights. Before training, one training
-step of both on the same batch is compared (logits, loss, every gradient). Both are
-trained the same way with the same seed (so the same batch order); the final table
+step of each on the same batch is checked against the stock model in float64 (logits,
+loss, gradients). Both are trained the same way with the same seed (so the same batch
+order), in turns, epoch by epoch; the final table
 shows test accuracy and time per epoch, then one training step of the BN layers alone
 (forward + backward at the shapes they see in this network), stock vs numbabn.
 
@@ -129,31 +130,47 @@ def check_same_step(stock, ours, x, y):
     return errors
 
 
-def fit(model, data):
-    """Train with Adam; returns (test accuracy, seconds of each epoch)."""
+def fit(models, data):
+    """Train every model with Adam, epoch by epoch in turns; returns ``{name: (test
+    accuracy, seconds of each epoch, test predictions)}``.
+
+    Each model shuffles with its own generator, seeded alike, so all see the same batches
+    in the same order. Taking turns by epoch (the order alternating) lets a change of
+    load on a shared machine hit every model alike.
+    """
     x_train, x_test, y_train, y_test = data
-    torch.manual_seed(SEED)  # the same shuffling for both runs
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    seconds = []
+    gens = {name: torch.Generator().manual_seed(SEED) for name in models}
+    optimizers = {name: torch.optim.Adam(m.parameters(), lr=LEARNING_RATE)
+                  for name, m in models.items()}
+    seconds = {name: [] for name in models}
     for epoch in range(EPOCHS):
-        start = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(x_train))
-        loss_sum = 0.0
-        for i in range(0, len(order), BATCH):
-            idx = order[i:i + BATCH]
-            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(idx)
-        seconds.append(time.perf_counter() - start)
-        print(f"epoch {epoch + 1:2d}: loss {loss_sum / len(x_train):.4f}, "
-              f"{seconds[-1]:.2f} s")
-    model.eval()
-    with torch.no_grad():
-        predicted = model(x_test).argmax(dim=1)
-    return float((predicted == y_test).float().mean()), seconds, predicted
+        names = list(models)[::1 if epoch % 2 == 0 else -1]
+        losses = {}
+        for name in names:
+            model, optimizer = models[name], optimizers[name]
+            start = time.perf_counter()
+            model.train()
+            order = torch.randperm(len(x_train), generator=gens[name])
+            loss_sum = 0.0
+            for i in range(0, len(order), BATCH):
+                idx = order[i:i + BATCH]
+                loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * len(idx)
+            seconds[name].append(time.perf_counter() - start)
+            losses[name] = loss_sum / len(x_train)
+        print(f"epoch {epoch + 1:2d}: " + ", ".join(
+            f"{name} loss {losses[name]:.4f} in {seconds[name][-1]:.2f} s" for name in models))
+    results = {}
+    for name, model in models.items():
+        model.eval()
+        with torch.no_grad():
+            predicted = model(x_test).argmax(dim=1)
+        results[name] = (float((predicted == y_test).float().mean()), seconds[name],
+                         predicted)
+    return results
 
 
 def bn_shapes(model, batch):
@@ -244,10 +261,9 @@ def main(argv=None):
     for name, by in errors.items():
         print(f"  {name:8} " + ", ".join(f"{k} {e:.1e}" for k, e in by.items()))
 
-    results = {}
-    for name, model, bn in [("stock", stock, "torch.nn"), ("numbabn", ours, "numbabn.torch")]:
-        print(f"\n--- {name}: LeNet with {bn}.BatchNorm1d/2d")
-        results[name] = fit(model, data)
+    print("\nstock: LeNet with torch.nn.BatchNorm1d/2d; numbabn: with "
+          "numbabn.torch.BatchNorm1d/2d; trained in turns, epoch by epoch")
+    results = fit({"stock": stock, "numbabn": ours}, data)
     agree = float((results["stock"][2] == results["numbabn"][2]).float().mean())
 
     shapes = bn_shapes(stock, BATCH)
