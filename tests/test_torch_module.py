@@ -181,6 +181,32 @@ def test_memory_formats_are_read_and_written_in_place(layout, monkeypatch):
         assert np.shares_memory(views[0][0], x.detach().numpy())
 
 
+@pytest.mark.parametrize("view", ["strided", "CNHW", "expanded-dy"])
+def test_other_strides_work_and_keep_torchs_output_strides(view):
+    """Beyond the standard formats: a strided view (copied once by numbabn), a dense
+    permutation torch keeps in empty_like, and an expanded (stride-0) gradient."""
+    x = tc.make_x((4, 5, 6, 12), torch.contiguous_format, torch.float64, seed=2)
+    if view == "strided":
+        x = x[:, :, :, ::2]
+    elif view == "CNHW":
+        x = x.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+    ours, oracle = tc.pair(2, 5, torch.float64)
+    dy = torch.ones(()).expand(x.shape) if view == "expanded-dy" else torch.ones_like(x)
+
+    def run(module):
+        leaf = x.detach().requires_grad_(True)  # detach keeps the view's strides
+        y = module(leaf)
+        y.backward(dy)
+        return y, leaf.grad, module.weight.grad, module.bias.grad
+
+    got, want = run(ours), run(oracle)
+    assert got[0].stride() == torch.empty_like(x).stride()
+    if view == "CNHW":
+        assert got[0].stride() == x.stride()
+    for name, a, b in zip(("y", "dx", "dweight", "dbias"), got, want):
+        tc.assert_close(a, b, torch.float64, name)
+
+
 def test_readme_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     block = next(b for b in blocks if "import numbabn.torch" in b)

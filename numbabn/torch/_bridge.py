@@ -37,8 +37,10 @@ def _kernel_tensor(t):
 
 def _output_like(x):
     """(tensor returned, tensor the kernels write): one tensor unless ``x`` is bfloat16."""
-    y = torch.empty_like(x)
-    return (y, y) if x.dtype != torch.bfloat16 else (y, torch.empty_like(x, dtype=torch.float32))
+    if x.dtype == torch.bfloat16:
+        return torch.empty_like(x), _empty_like(x, torch.float32)
+    y = _empty_like(x, x.dtype)
+    return y, y
 
 
 def _finish(y, written):
@@ -48,6 +50,35 @@ def _finish(y, written):
 
 
 # ----------------------------------------------------------------- array plumbing
+
+_STANDARD_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _empty_like(x, dtype):
+    """``torch.empty_like(x, dtype=dtype)``: same shape and strides (the fake
+    implementations in ``_ops`` use ``torch.empty_like``, and the real outputs must
+    match them), but for CPU tensors in a standard memory format the memory comes from
+    NumPy's allocator.
+
+    Why: PyTorch's CPU allocator returns a large block to the OS when it is freed and
+    takes fresh pages for the next one, so writing a new (64, 64, 56, 56) float32 output
+    costs ~50 ms of page faults here on every call (NumPy asks for transparent huge
+    pages and reuses freed memory: ~15 ms). The train forward runs 2.2x faster with it.
+    The tensor is an ordinary one, except that its storage cannot grow
+    (``resize_`` to a larger size raises).
+    """
+    dense = x.is_contiguous() or (
+        x.dim() in _STANDARD_FORMATS and x.is_contiguous(memory_format=_STANDARD_FORMATS[x.dim()]))
+    if x.device.type != "cpu" or not dense or dtype == torch.bfloat16:
+        return torch.empty_like(x, dtype=dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    flat = np.empty(x.numel(), dtype=_NUMPY_DTYPES[dtype])
+    strides = [s * itemsize for s in x.stride()]
+    return torch.from_numpy(np.lib.stride_tricks.as_strided(flat, x.shape, strides))
+
+
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32,
+                 torch.float64: np.float64}
 
 def _is_cuda(t):
     return t.device.type == "cuda"
