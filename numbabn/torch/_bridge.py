@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from .. import _device, batchnorm
-from .. import batchnorm as nbn  # the public functions
 
 #: dtypes the module accepts (the rest raise torch's NotImplementedError)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -27,8 +26,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ---------------------------------------------------------------- the dtype policy
 # The one place that decides how a tensor dtype reaches the kernels. NumPy has no
 # bfloat16, so bfloat16 is computed through one float32 copy, the result rounded back.
-# When numbabn's kernels read bfloat16 (ml_dtypes) natively, only these two functions
-# change.
+# When numbabn's kernels read bfloat16 (ml_dtypes) natively, this block changes (and
+# `_full` views a bfloat16 tensor as ``t.view(torch.int16).numpy().view(bfloat16)``,
+# since ``Tensor.numpy`` refuses bfloat16); nothing else does.
 
 def _kernel_tensor(t):
     """``t`` as the kernels read it: itself, or a float32 copy of a bfloat16 tensor."""
@@ -145,7 +145,7 @@ def train(x, weight, bias, eps):
     """``(y, mean, var, invstd)``: batch statistics (float64, biased variance) and y."""
     y, written = _output_like(x)
     with _scope(x):
-        _, stats = nbn.batch_norm_train(_full(_kernel_tensor(x)), _vector(weight),
+        _, stats = batchnorm.batch_norm_train(_full(_kernel_tensor(x)), _vector(weight),
                                         _vector(bias), axis=1, eps=eps, out=_full(written))
     return (_finish(y, written), _tensor(stats.mean, x), _tensor(stats.var, x),
             _tensor(stats.invstd, x))
@@ -155,7 +155,7 @@ def inference(x, weight, bias, running_mean, running_var, eps):
     """``x`` normalized with the running statistics."""
     y, written = _output_like(x)
     with _scope(x):
-        nbn.batch_norm_inference(_full(_kernel_tensor(x)), _vector(weight), _vector(bias),
+        batchnorm.batch_norm_inference(_full(_kernel_tensor(x)), _vector(weight), _vector(bias),
                                  _vector(running_mean), _vector(running_var), axis=1,
                                  eps=eps, out=_full(written))
     return _finish(y, written)
@@ -173,8 +173,8 @@ def backward(dy, x, weight, mean, invstd, training):
     with _scope(x):
         dy_a, x_a, w, m, s = _full(dy), _full(x), _vector(weight), _vector(mean), _vector(invstd)
         if training:
-            _, dweight, dbias = nbn.batch_norm_backward(
-                dy_a, x_a, w, nbn.BatchStats(m, None, s), axis=1, out=_full(written))
+            _, dweight, dbias = batchnorm.batch_norm_backward(
+                dy_a, x_a, w, batchnorm.BatchStats(m, None, s), axis=1, out=_full(written))
         else:
             dweight, dbias = _constant_stats_backward(dy_a, x_a, w, m, s, _full(written))
     return _finish(dx, written), _tensor(dweight, x), _tensor(dbias, x)
