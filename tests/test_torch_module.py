@@ -143,6 +143,22 @@ def test_one_value_per_channel_fails_like_torch_in_training_only():
     torch.testing.assert_close(pair[0](torch.ones(1, 3)), pair[1](torch.ones(1, 3)))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch_as_torch(training):
+    ours, oracle = tc.pair(2, 3, torch.float32)
+    oracle = oracle.float()
+    for m in (ours, oracle):
+        m.train(training)
+        x = torch.randn(0, 3, 4, 4, requires_grad=True)
+        y = m(x)
+        y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+    assert torch.equal(ours.weight.grad, oracle.weight.grad)
+    assert torch.equal(ours.bias.grad, oracle.bias.grad)
+    for name, t in oracle.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], t), name
+
+
 def test_mixed_devices_name_both():
     m = nbt.BatchNorm1d(3)
     with pytest.raises(RuntimeError, match="input is on meta and weight on cpu"):

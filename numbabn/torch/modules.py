@@ -41,6 +41,8 @@ class _NumbabnBatchNorm(_BatchNorm):
         running_mean = self.running_mean if tracked else None
         running_var = self.running_var if tracked else None
         self._check_arguments(input, running_mean, running_var, bn_training)
+        if input.numel() == 0:
+            return self._empty_batch(input)
 
         if not bn_training:
             return _ops.batch_norm_inference(input, self.weight, self.bias, running_mean,
@@ -61,6 +63,14 @@ class _NumbabnBatchNorm(_BatchNorm):
         """
         y, mean, var, _ = _ops.batch_norm_train(input, self.weight, self.bias, self.eps)
         return y, mean, var, input.numel() // input.shape[1]
+
+    def _empty_batch(self, input):
+        """torch's result for an empty batch: an empty output, the running statistics
+        unchanged (``num_batches_tracked`` counts it), zero parameter gradients. The
+        kernels refuse empty input, so the affine map is applied with tensor ops."""
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        y = input.clone() if self.weight is None else input * self.weight.view(shape)
+        return y if self.bias is None else y + self.bias.view(shape)
 
     @staticmethod
     def _update_running_stats(running_mean, running_var, mean, var, count, factor):
