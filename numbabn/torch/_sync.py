@@ -188,6 +188,20 @@ class SyncBatchNorm(_NumbabnBatchNorm):
             bn_training = False
         super()._check_arguments(input, running_mean, running_var, bn_training)
 
+    def _empty_batch(self, input):
+        if self._sync is None:
+            return super()._empty_batch(input)
+        # An empty share still takes part in the collectives (the other ranks wait for
+        # its parts), and its running statistics follow the group's, as in torch's module.
+        # (`forward` has counted the batch in num_batches_tracked already.)
+        y, mean, var, count = self._batch_norm_train(input)
+        if self.track_running_stats and self.running_mean is not None:
+            factor = (1.0 / self.num_batches_tracked.to(torch.float64)
+                      if self.momentum is None else self.momentum)
+            self._update_running_stats(self.running_mean, self.running_var, mean, var,
+                                       count, factor)
+        return y
+
     def _batch_norm_train(self, input):
         if self._sync is None:
             return super()._batch_norm_train(input)
