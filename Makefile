@@ -9,8 +9,13 @@ N ?= 5
 FACTOR ?= 1.5
 BENCH ?=
 ASV_BENCH := $(if $(BENCH),-b "$(BENCH)",)
+# the PyTorch the test environment gets, installed before numbabn[torch] so that pip keeps
+# it: an exact version whose CPU-only wheel pip finds locally here; a looser spec lets pip
+# pick the default build from PyPI, a multi-GB CUDA one on Linux. Elsewhere, e.g.
+# TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
 
-.PHONY: demo demo-numpy test bench bench-history bench-gate bench-check clean
+.PHONY: demo demo-numpy demo-torch test bench bench-history bench-gate bench-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +31,14 @@ $(VENV)/.demo: $(BIN)/python pyproject.toml $(OP_SOURCE)
 	touch $@
 
 $(VENV)/.test: $(BIN)/python pyproject.toml $(OP_SOURCE)
+	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[test,demo]"
 	$(BIN)/python -m keras_layer._native
 	touch $@
 
 $(VENV)/.bench: $(BIN)/python pyproject.toml $(OP_SOURCE)
-	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[bench,torch]"
 	$(BIN)/python -m keras_layer._native
 	touch $@
 
@@ -43,16 +50,27 @@ demo: $(VENV)/.demo
 demo-numpy: $(VENV)/.demo
 	$(BIN)/python demo/mlp_digits.py
 
+# demo-torch: PyTorch ($(TORCH), see above) and scikit-learn only, no TensorFlow
+$(VENV)/.demo-torch: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[torch]" "scikit-learn>=1.3"
+	touch $@
+
+## demo-torch: the seeds' LeNet with BN on digits in PyTorch, stock nn.BatchNorm vs numbabn's, prints the comparison
+demo-torch: $(VENV)/.demo-torch
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python demo/lenet_digits_torch.py
+
 ## test: the whole test suite
 test: $(VENV)/.test
 	$(BIN)/python -m pytest
 
-## bench: kernel, Keras-layer and whole-model (ResNet50, MobileNetV2) speed tables (floor, TensorFlow's fused kernel, stock layer)
+## bench: kernel, Keras-layer, PyTorch-module and whole-model (ResNet50, MobileNetV2; LeNet, ResNet-18 in PyTorch) speed tables (floor, TensorFlow's fused kernel, stock layer, torch.nn)
 bench: $(VENV)/.bench
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/report.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/overhead_report.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/keras_report.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/model_report.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/torch_report.py
 
 $(HOME)/.asv-machine.json: $(VENV)/.bench
 	$(BIN)/asv machine --yes

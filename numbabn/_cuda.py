@@ -6,7 +6,8 @@ Inputs arrive validated (``_validation``) as Numba device arrays, in any float d
 float dtype (converted to float64 on the GPU when they are not float64). Every result is
 a GPU array: full-size ones laid out like ``x`` (or the caller's ``out``), per-channel
 ones float64 of shape (C,). Nothing is copied back to the host, and nothing waits for
-the GPU: the kernels run in order on Numba's default stream.
+the GPU: the kernels run in order on Numba's default stream, or on the stream a caller
+set with ``_device.on_stream`` (numbabn.torch passes PyTorch's current stream).
 
 Launch geometry comes from the shape and ``numbabn.config`` alone, in `launch_plan`.
 """
@@ -80,16 +81,18 @@ def _launch(kernel, grid, block):
     with it silenced, and reused (which also saves their set-up on every call). The
     simulator's kernels hold their configuration themselves, so there it is made anew.
     """
+    stream = _device.current_stream()
     if _device.simulated():
-        return kernel[grid, block]
-    return _configured(kernel, grid, block)
+        return kernel[grid, block, stream]
+    return _configured(kernel, grid, block, stream)
 
 
 @functools.lru_cache(maxsize=1024)
-def _configured(kernel, grid, block):
+def _configured(kernel, grid, block, stream=0):
+    # a stream is part of the key: callers that pass one reuse its Numba object
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return kernel[grid, block]
+        return kernel[grid, block, stream]
 
 
 def _per_channel(name, channels):

@@ -15,14 +15,39 @@ stride arithmetic, and the strides they produce describe a view of the GPU array
 (starting at the same element), built with ``view``.
 """
 
+import contextlib
 import importlib.util
 import sys
+import threading
 
 import numpy as np
 
 _FAKE_ARRAY_MODULE = "numba.cuda.simulator.cudadrv.devicearray"
 _cuda = None       # numba.cuda, once `cuda` has found it usable
 _simulated = None  # fixed once numba.cuda is imported
+_local = threading.local()  # .stream: the stream of this thread's numbabn GPU work
+
+
+def current_stream():
+    """The Numba stream numbabn's GPU work is queued on: ``0`` (Numba's default stream)
+    unless inside `on_stream`."""
+    return getattr(_local, "stream", 0)
+
+
+@contextlib.contextmanager
+def on_stream(stream):
+    """Queue this thread's numbabn GPU work (launches, allocations, copies) on ``stream``.
+
+    A framework that owns the stream (PyTorch's current stream, wrapped with
+    ``numba.cuda.external_stream``) passes it here, so numbabn's kernels are ordered
+    with the framework's own work without a synchronize. Nestable; restored on exit.
+    """
+    previous = current_stream()
+    _local.stream = stream
+    try:
+        yield stream
+    finally:
+        _local.stream = previous
 
 
 def is_device_array(a):
@@ -147,11 +172,11 @@ def view(a, shape, strides):
 
 def empty(shape, dtype):
     """A new C-ordered GPU array."""
-    return cuda().device_array(tuple(shape), dtype=dtype)
+    return cuda().device_array(tuple(shape), dtype=dtype, stream=current_stream())
 
 
 def to_device(host):
-    return cuda().to_device(np.ascontiguousarray(host))
+    return cuda().to_device(np.ascontiguousarray(host), stream=current_stream())
 
 
 def copy_into(dst, src):
@@ -159,7 +184,8 @@ def copy_into(dst, src):
     if simulated():
         dst._ary[...] = src._ary
         return
-    dst[(slice(None),) * dst.ndim] = src  # Numba's strided device-to-device assignment
+    # Numba's strided device-to-device assignment
+    dst.setitem((slice(None),) * dst.ndim, src, stream=current_stream())
 
 
 def harden_simulator():

@@ -1,0 +1,156 @@
+"""asv benchmarks of ``numbabn.torch`` against PyTorch's own batch norm on the CPU.
+
+* `TorchKernels`: one BN module, numbabn's or ``torch.nn``'s (PyTorch's CPU kernel),
+  train forward, eval forward and backward, at (64, 64, 56, 56) float32 NCHW and
+  channels-last and (64, 256) (`_torch_common.KERNEL_CASES`).
+* `TorchModels`: whole models written in ``_torch_common`` (the seeds' LeNet, a
+  ResNet-18-shaped net): one SGD training step and one eval forward, stock ``torch.nn``
+  BN vs ``numbabn.torch.convert`` vs BN removed (the bound).
+
+Both run on the same thread count (`_torch_common.use_threads`: PyTorch gets Numba's),
+and both check before timing: `TorchKernels`' ``setup_cache`` runs both implementations
+on every case against torch's float64 kernel (a wrong result fails the class's
+benchmarks instead of being timed); `TorchModels`' builds, checks (against the stock
+model in float64) and times the variants in turns in one process, and each ``track_``
+returns a figure of that measurement (why: see ``bench_models.py``).
+
+Without PyTorch every ``setup`` raises NotImplementedError: asv skips the classes.
+"""
+
+import os
+
+# Before Numba or PyTorch load (see _common): spinning OpenMP threads left by one
+# library's kernel slow the other library's next operation.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from ._common import SMALL_RUN  # noqa: E402
+from ._torch_common import (  # noqa: E402
+    IMPLS, KERNEL_CASES, MODELS, bn_cost_ratio, check_kernel_case, kernel_case,
+    kernel_ops, measure_torch_model, torch_or_skip, use_threads,
+)
+
+
+def check_torch_kernels():
+    """Check both implementations on every kernel case (``setup_cache``).
+
+    Returns ``{"checked": [...]}``, or ``{"skip": why}`` without PyTorch.
+    """
+    try:
+        torch_or_skip()
+    except NotImplementedError as exc:
+        return {"skip": str(exc)}
+    use_threads()
+    for name in KERNEL_CASES:
+        check_kernel_case(kernel_case(name))
+    return {"checked": list(KERNEL_CASES)}
+
+
+check_torch_kernels.timeout = 300
+
+
+class TorchKernels:
+    """ms per call of one BN module, numbabn's or PyTorch's, at the same thread count."""
+
+    params = [list(KERNEL_CASES), list(IMPLS)]
+    param_names = ["case", "impl"]
+    timeout = 300
+
+    setup_cache = staticmethod(check_torch_kernels)
+
+    def setup(self, checked, case, impl):
+        if "skip" in checked:
+            raise NotImplementedError(checked["skip"])
+        use_threads()
+        self.ops = kernel_ops(kernel_case(case), impl)
+        for fn in self.ops.values():
+            fn()  # compile numbabn's kernels for this layout outside the timing
+
+    def time_train(self, checked, case, impl):
+        """Training-mode forward under no_grad (batch statistics, running update)."""
+        self.ops["train"]()
+
+    def time_inference(self, checked, case, impl):
+        self.ops["inference"]()
+
+    def time_backward(self, checked, case, impl):
+        """autograd backward of one training-mode forward, to x, weight and bias."""
+        self.ops["backward"]()
+
+
+#: asv's settings: 5 rounds of >= 0.3 s blocks (1 round of single steps when small)
+ROUNDS, MIN_BLOCK = (1, 0.0) if SMALL_RUN else (5, 0.3)
+
+
+def measure_torch_models():
+    """``{model: _torch_common.measure_torch_model(model)}`` (setup_cache), or
+    ``{"skip": why}`` without PyTorch. Raises AssertionError if a variant is wrong."""
+    try:
+        torch_or_skip()
+    except NotImplementedError as exc:
+        return {"skip": str(exc)}
+    use_threads()
+    return {name: measure_torch_model(name, rounds=ROUNDS, min_block=MIN_BLOCK)
+            for name in MODELS}
+
+
+# ~15 s to build and check (ResNet-18 in float64 dominates), ~20 s of timing, 2 cores
+measure_torch_models.timeout = 600
+
+
+class TorchModels:
+    """ms per step of whole PyTorch models, stock BN vs numbabn vs none, measured in
+    turns in one process (see the module docstring)."""
+
+    params = [list(MODELS)]
+    param_names = ["model"]
+    timeout = 600
+
+    setup_cache = staticmethod(measure_torch_models)
+
+    def setup(self, results, model):
+        if "skip" in results:
+            raise NotImplementedError(results["skip"])
+        self.ms = results[model]["ms"]
+
+    def track_ms_train_stock(self, results, model):
+        return self.ms["train"]["stock"]
+
+    def track_ms_train_numbabn(self, results, model):
+        return self.ms["train"]["numbabn"]
+
+    def track_ms_train_no_bn(self, results, model):
+        return self.ms["train"]["no_bn"]
+
+    def track_ms_inference_stock(self, results, model):
+        return self.ms["inference"]["stock"]
+
+    def track_ms_inference_numbabn(self, results, model):
+        return self.ms["inference"]["numbabn"]
+
+    def track_ms_inference_no_bn(self, results, model):
+        return self.ms["inference"]["no_bn"]
+
+    def track_speedup_vs_stock_train(self, results, model):
+        """stock ms / numbabn ms (above 1: numbabn's model is faster)."""
+        return self.ms["train"]["stock"] / self.ms["train"]["numbabn"]
+
+    def track_speedup_vs_stock_inference(self, results, model):
+        return self.ms["inference"]["stock"] / self.ms["inference"]["numbabn"]
+
+    def track_bn_cost_ratio_vs_stock_train(self, results, model):
+        """(numbabn - no_bn) / (stock - no_bn); NaN if stock - no_bn <= 0 (noise)."""
+        return bn_cost_ratio(self.ms, "train")
+
+    def track_bn_cost_ratio_vs_stock_inference(self, results, model):
+        return bn_cost_ratio(self.ms, "inference")
+
+    track_ms_train_stock.unit = "ms"
+    track_ms_train_numbabn.unit = "ms"
+    track_ms_train_no_bn.unit = "ms"
+    track_ms_inference_stock.unit = "ms"
+    track_ms_inference_numbabn.unit = "ms"
+    track_ms_inference_no_bn.unit = "ms"
+    track_speedup_vs_stock_train.unit = "x"
+    track_speedup_vs_stock_inference.unit = "x"
+    track_bn_cost_ratio_vs_stock_train.unit = "x"
+    track_bn_cost_ratio_vs_stock_inference.unit = "x"

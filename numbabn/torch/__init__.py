@@ -1,0 +1,52 @@
+"""numbabn.torch: drop-in ``torch.nn.BatchNorm1d/2d/3d`` running numbabn's kernels.
+
+Install with ``pip install 'numbabn[torch]'``; ``import numbabn`` never imports PyTorch,
+only ``import numbabn.torch`` does.
+
+Public API
+----------
+BatchNorm1d, BatchNorm2d, BatchNorm3d
+    Subclasses of ``torch.nn.modules.batchnorm._BatchNorm`` with torch's constructor,
+    defaults, parameters, buffers, ``state_dict`` and semantics (unbiased running
+    variance, ``momentum=None`` for a cumulative average, ``track_running_stats``,
+    ``eval()``); the forward and backward passes are numbabn's.
+convert
+    Swap the ``torch.nn.BatchNorm*d`` modules of a model for these, or back.
+SyncBatchNorm
+    ``torch.nn.SyncBatchNorm`` for CPU tensors under ``torch.distributed``: statistics
+    merged across ranks (Chan, in rank order, so every rank holds the same bits).
+
+What runs where
+---------------
+CPU tensors run numbabn's CPU kernels on NumPy views of the tensors' storage: every
+memory format (contiguous, ``torch.channels_last``, ``torch.channels_last_3d``) is read
+in place, and the output, allocated by PyTorch, has the input's memory format. CUDA
+tensors run numbabn's CUDA kernels (``numbabn[cuda]``) on PyTorch's current stream,
+without copies or host synchronization. float32, float64 and float16 are computed
+natively (float16 through float32 on the CPU, as in numbabn); bfloat16 through a
+float32 copy. Statistics and gradient sums are always accumulated in float64.
+
+Autograd, ``torch.compile`` and ``gradcheck`` work through the custom operators
+``numbabn::batch_norm_train``, ``numbabn::batch_norm_inference`` and
+``numbabn::batch_norm_backward`` (``torch.compile(model, fullgraph=True)`` traces them
+without graph breaks). Double backward (``create_graph=True``) is not supported and
+raises ``RuntimeError``.
+
+Examples
+--------
+>>> import torch, numbabn.torch as nbt
+>>> bn = nbt.BatchNorm2d(4)
+>>> x = torch.randn(8, 4, 5, 5).to(memory_format=torch.channels_last)
+>>> y = bn(x)
+>>> y.is_contiguous(memory_format=torch.channels_last), int(bn.num_batches_tracked)
+(True, 1)
+>>> model = nbt.convert(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)))
+>>> isinstance(model[1], nbt.BatchNorm1d)
+True
+"""
+
+from .convert import convert
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ._sync import SyncBatchNorm
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert"]
