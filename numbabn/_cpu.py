@@ -20,6 +20,12 @@ from ._runtime import run_kernel
 NATIVE_FLOAT16 = False
 
 
+def any_negative(v):
+    """Whether the float64 vector ``v`` has a value < 0 (NaN is not): one compiled loop,
+    since ``(v < 0).any()`` costs ~4 us, a third of a small inference call."""
+    return k.any_negative(v)
+
+
 def _output(out, x, layout):
     """(array returned to the caller, blocks view the kernel writes, array to copy to)."""
     if out is not None:

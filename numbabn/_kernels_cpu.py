@@ -316,6 +316,15 @@ def grad_input_planes(dy, x, i_per, mean, k_dy, mean_dy, k_x, dx):
         for i in range(xr.size):
             dr[i] = a * (np.float64(gr[i]) - md) - b * (np.float64(xr[i]) - m)
 
+@njit(**_OPTS)
+def any_negative(v):
+    """Whether any element of ``v`` is < 0 (NaN is not)."""
+    for a in v:
+        if a < 0:
+            return True
+    return False
+
+
 # ================================================================ whole operations
 # One compiled call per operation: task plan, both passes and the per-channel maths, on
 # a rows (R, C) or planes (O, C, I) view. The NumPy API calls them (one crossing from

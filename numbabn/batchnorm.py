@@ -210,7 +210,7 @@ def batch_norm_inference(x, gamma, beta, moving_mean, moving_var, axis=-1, eps=1
     beta = check.channel_vector(beta, "beta", channels, optional=True, device=gpu)
     moving_mean = check.channel_vector(moving_mean, "moving_mean", channels, device=gpu)
     moving_var = check.channel_vector(moving_var, "moving_var", channels, device=gpu)
-    if isinstance(moving_var, np.ndarray) and (moving_var < 0).any():
+    if isinstance(moving_var, np.ndarray) and _cpu.any_negative(moving_var):
         raise ValueError(f"moving_var must be non-negative; got minimum {np.nanmin(moving_var)}")
     eps = check.positive_float(eps, "eps")
     out_given, out = out, check.out_array(out, x.shape, x.dtype, [x])
