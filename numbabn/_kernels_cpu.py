@@ -18,13 +18,19 @@ floating-point sum is fixed by the code.
 
 All arithmetic is in float64, whatever the storage dtype: the kernels are
 memory-bound, so the wider arithmetic is free and the float32 outputs are correctly
-rounded results of float64 computations.
+rounded results of float64 computations. Elements are read with ``widen`` and written
+with ``narrow`` (``_half``): plain casts for float32 and float64 arrays; for float16 and
+bfloat16, which arrive as views of their bits (uint16 and int16), conversions in
+registers with one rounding per output. Numba compiles each kernel once per storage
+dtype, so one source serves all four, with the same task split and so the same
+guarantees (determinism across thread counts, constant channel -> beta).
 """
 
 import numba
 import numpy as np
 from numba import carray, cfunc, njit, prange, types
 
+from ._half import narrow, widen
 from .config import CHUNK_ELEMENTS, LANES, MAX_CHUNKS
 
 _OPTS = dict(cache=True, nogil=True)
@@ -105,11 +111,11 @@ def stats_rows(x, rows_per_task, mean, var):
         s2[:] = 0.0
         shift = np.empty(C)
         for c in range(C):
-            shift[c] = x[r0, c]
+            shift[c] = widen(x[r0, c])
         for r in range(r0, r1):
             xr = x[r]
             for c in range(C):
-                d = np.float64(xr[c]) - shift[c]
+                d = widen(xr[c]) - shift[c]
                 s1[c] += d
                 s2[c] += d * d
         n = np.float64(r1 - r0)
@@ -145,7 +151,7 @@ def stats_planes(x, o_per, i_per, mean, var):
     pm2 = np.empty((n_j, C))
     for t in prange(C * n_j):
         c, j, o0, o1, i0, i1 = _plane_task(t, C, O, I, o_per, i_per)
-        shift = np.float64(x[o0, c, i0])
+        shift = widen(x[o0, c, i0])
         a1 = np.zeros(LANES)
         a2 = np.zeros(LANES)
         for o in range(o0, o1):
@@ -154,11 +160,11 @@ def stats_planes(x, o_per, i_per, mean, var):
             for i in range(0, n_vec, LANES):
                 xl = xr[i:i + LANES]
                 for l in range(LANES):
-                    d = np.float64(xl[l]) - shift
+                    d = widen(xl[l]) - shift
                     a1[l] += d
                     a2[l] += d * d
             for l in range(xr.size - n_vec):
-                d = np.float64(xr[n_vec + l]) - shift
+                d = widen(xr[n_vec + l]) - shift
                 a1[l] += d
                 a2[l] += d * d
         s1 = 0.0
@@ -189,7 +195,7 @@ def affine_rows(x, rows_per_task, center, scale, offset, y):
         r1 = min(R, r0 + rows_per_task)
         for r in range(r0, r1):
             for c in range(C):
-                y[r, c] = (np.float64(x[r, c]) - center[c]) * scale[c] + offset[c]
+                y[r, c] = narrow((widen(x[r, c]) - center[c]) * scale[c] + offset[c], y.dtype)
 
 
 @njit(**_OPTS)
@@ -218,7 +224,7 @@ def affine_planes(x, i_per, center, scale, offset, y):
         xr = x[o, c, i0:i1]  # 1-D slices vectorize; 3-D indexing in the loop did not
         yr = y[o, c, i0:i1]
         for i in range(xr.size):
-            yr[i] = (np.float64(xr[i]) - m) * s + b
+            yr[i] = narrow((widen(xr[i]) - m) * s + b, yr.dtype)
 
 
 # ------------------------------------------------------------------------- backward
@@ -239,9 +245,9 @@ def grad_sums_rows(dy, x, rows_per_task, mean, sum_dy, sum_dy_xmu):
         s2[:] = 0.0
         for r in range(r0, r1):
             for c in range(C):
-                g = np.float64(dy[r, c])
+                g = widen(dy[r, c])
                 s1[c] += g
-                s2[c] += g * (np.float64(x[r, c]) - mean[c])
+                s2[c] += g * (widen(x[r, c]) - mean[c])
     _sum_partials(p1, sum_dy)
     _sum_partials(p2, sum_dy_xmu)
 
@@ -266,13 +272,13 @@ def grad_sums_planes(dy, x, o_per, i_per, mean, sum_dy, sum_dy_xmu):
                 xl = xr[i:i + LANES]
                 gl = gr[i:i + LANES]
                 for l in range(LANES):
-                    g = np.float64(gl[l])
+                    g = widen(gl[l])
                     a1[l] += g
-                    a2[l] += g * (np.float64(xl[l]) - m)
+                    a2[l] += g * (widen(xl[l]) - m)
             for l in range(xr.size - n_vec):
-                g = np.float64(gr[n_vec + l])
+                g = widen(gr[n_vec + l])
                 a1[l] += g
-                a2[l] += g * (np.float64(xr[n_vec + l]) - m)
+                a2[l] += g * (widen(xr[n_vec + l]) - m)
         s1 = 0.0
         s2 = 0.0
         for l in range(LANES):
@@ -294,8 +300,8 @@ def grad_input_rows(dy, x, rows_per_task, mean, k_dy, mean_dy, k_x, dx):
         r1 = min(R, r0 + rows_per_task)
         for r in range(r0, r1):
             for c in range(C):
-                dx[r, c] = (k_dy[c] * (np.float64(dy[r, c]) - mean_dy[c])
-                            - k_x[c] * (np.float64(x[r, c]) - mean[c]))
+                dx[r, c] = narrow(k_dy[c] * (widen(dy[r, c]) - mean_dy[c])
+                                  - k_x[c] * (widen(x[r, c]) - mean[c]), dx.dtype)
 
 
 @njit(parallel=True, **_OPTS)
@@ -312,7 +318,7 @@ def grad_input_planes(dy, x, i_per, mean, k_dy, mean_dy, k_x, dx):
         gr = dy[o, c, i0:i1]
         dr = dx[o, c, i0:i1]
         for i in range(xr.size):
-            dr[i] = a * (np.float64(gr[i]) - md) - b * (np.float64(xr[i]) - m)
+            dr[i] = narrow(a * (widen(gr[i]) - md) - b * (widen(xr[i]) - m), dr.dtype)
 
 # ================================================================ whole operations
 # One compiled call per operation: task plan, both passes and the per-channel maths, on
