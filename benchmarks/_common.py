@@ -48,11 +48,11 @@ if bfloat16 is not None:
 
 #: Full-size outputs are checked to this error scaled by 1 + |value| (`check_close`):
 #: float32/float16/bfloat16 outputs are float64 results rounded once (half an ulp: 6e-8,
-#: 5e-4, 2e-3).
+#: 5e-4, 4e-3 relative at most).
 TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5,
              np.dtype(np.float16): 1e-3}
-if bfloat16 is not None:  # half an ulp: 2**-9
-    TOLERANCE[np.dtype(bfloat16)] = 2.5e-3
+if bfloat16 is not None:  # 2**-8: half an ulp at the bottom of a binade
+    TOLERANCE[np.dtype(bfloat16)] = 5e-3
 
 #: NUMBABN_BENCH_SMALL=1 (``make bench-check``, run by CI): every benchmark runs once on
 #: small inputs, to prove the suite still imports and runs; the case names stay the same.
