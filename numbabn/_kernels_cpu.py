@@ -452,7 +452,9 @@ def backward_planes(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
 # these ``@cfunc`` functions with raw pointers into buffers TensorFlow allocated. Every
 # buffer is a dense C-ordered array viewed as (outer, C, inner) around the channel axis
 # (rows (outer, C) when inner == 1); per-channel vectors are float64; the caller
-# guarantees C > 0 and outer * inner > 0. ``T`` is float32 or float64, one set each:
+# guarantees C > 0 and outer * inner > 0. ``T`` is float32 or float64, one set each (or
+# the bits of a half format, ``_half``'s views: uint16 for float16, int16 for bfloat16;
+# numbabn's TensorFlow op does not register those yet):
 #
 #   train(x: T*, y: T*, gamma, beta, mean, var, invstd: f64*, outer, C, inner: i64, eps: f64)
 #   inference(x: T*, y: T*, gamma, beta, moving_mean, moving_var: f64*, outer, C, inner, eps)
@@ -465,7 +467,8 @@ _entry_points = {}
 
 def c_entry_points(dtype):
     """``{"train": address, "inference": ..., "backward": ...}`` of the C entry points
-    for ``dtype`` ("float32" or "float64"), compiled (or loaded from the cache) on first
+    for ``dtype`` ("float32", "float64", or "uint16"/"int16" for float16/bfloat16 bits),
+    compiled (or loaded from the cache) on first
     use; the functions stay alive as long as the process."""
     dtype = str(dtype)
     if dtype not in _entry_points:
