@@ -22,6 +22,11 @@ from numba import njit, prange  # noqa: E402
 import numbabn as nbn  # noqa: E402
 from numbabn.stages import batch_moments  # noqa: E402
 
+try:  # bfloat16 is ml_dtypes' (an optional dependency of numbabn, installed with TF)
+    from ml_dtypes import bfloat16  # noqa: E402
+except ImportError:
+    bfloat16 = None
+
 EPS = 1e-3
 
 #: name -> (shape, channel axis, dtype). "nhwc"/"nchw" are ResNet-50's conv2 activation
@@ -35,12 +40,19 @@ CASES = {
     "nc-f64": ((50176, 256), 1, np.float64),
     "small": ((32, 8, 8, 16), 3, np.float32),
     "small-f64": ((32, 8, 8, 16), 3, np.float64),
+    "nchw-f16": ((64, 64, 56, 56), 1, np.float16),
 }
+if bfloat16 is not None:
+    CASES.update({"nhwc-bf16": ((64, 56, 56, 64), 3, bfloat16),
+                  "nchw-bf16": ((64, 64, 56, 56), 1, bfloat16)})
 
 #: Full-size outputs are checked to this error scaled by 1 + |value| (`check_close`):
-#: float32/float16 outputs are float64 results rounded once (half an ulp: 6e-8, 5e-4).
+#: float32/float16/bfloat16 outputs are float64 results rounded once (half an ulp: 6e-8,
+#: 5e-4, 4e-3 relative at most).
 TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5,
              np.dtype(np.float16): 1e-3}
+if bfloat16 is not None:  # 2**-8: half an ulp at the bottom of a binade
+    TOLERANCE[np.dtype(bfloat16)] = 5e-3
 
 #: NUMBABN_BENCH_SMALL=1 (``make bench-check``, run by CI): every benchmark runs once on
 #: small inputs, to prove the suite still imports and runs; the case names stay the same.
@@ -52,7 +64,11 @@ if SMALL_RUN:
         "nc": ((784, 16), 1, np.float32),
         "nhwc-f16": ((4, 14, 14, 16), 3, np.float16),
         "nc-f64": ((784, 16), 1, np.float64),
+        "nchw-f16": ((4, 16, 14, 14), 1, np.float16),
     })
+    if bfloat16 is not None:
+        CASES.update({"nhwc-bf16": ((4, 14, 14, 16), 3, bfloat16),
+                      "nchw-bf16": ((4, 16, 14, 14), 1, bfloat16)})
 
 #: Traffic of each operation in units of ``x.nbytes``: train reads x twice (statistics,
 #: then normalize) and writes y; backward reads dy and x twice (sums, then dx) and

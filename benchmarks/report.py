@@ -4,7 +4,8 @@ Usage (from the repository root; ``make bench`` runs it)::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/report.py [--quick]
 
-For each case (ResNet-50's conv2 activation at batch 64, NHWC and NCHW, float32) it
+For each case (ResNet-50's conv2 activation at batch 64, NHWC and NCHW, in float32,
+float16 and bfloat16; a half format's floor counts its 2-byte elements) it
 checks numbabn and TensorFlow against a float64 NumPy reference, measures the copy
 bandwidth, then times every operation (best of 10) and prints one table. ``--quick``
 uses 64x smaller inputs. The same helpers back the asv suite (``bench_kernels.py``).
@@ -38,11 +39,12 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 OPS = ("train", "inference", "backward", "stats")
-FULL = {name: CASES[name] for name in ("nhwc", "nchw")}
-QUICK = {
-    "nhwc": ((8, 28, 28, 32), 3, np.float32),
-    "nchw": ((8, 32, 28, 28), 1, np.float32),
-}
+#: float32, then the half formats (float16; bfloat16 where ml_dtypes is installed)
+NAMES = [name for name in ("nhwc", "nchw", "nhwc-f16", "nchw-f16", "nhwc-bf16", "nchw-bf16")
+         if name in CASES]
+FULL = {name: CASES[name] for name in NAMES}
+QUICK = {name: (((8, 28, 28, 32), 3) if name.startswith("nhwc") else ((8, 32, 28, 28), 1))
+         + CASES[name][2:] for name in NAMES}
 HEADER = ("case", "op", "numbabn ms", "floor ms", "x floor", "numbabn alloc ms",
           "TF fused ms", "speed-up vs TF")
 
@@ -112,11 +114,11 @@ def main(argv=None):
 
     rows, notes, bandwidths = [], [], []
     for name, (shape, axis, dtype) in cases.items():
-        label = f"{name.upper()} {shape} axis {axis} {np.dtype(dtype).name}"
+        label = f"{name.split('-')[0].upper()} {shape} axis {axis} {np.dtype(dtype).name}"
         bandwidth, case_rows, case_notes = measure(label, shape, axis, dtype, repeat)
         rows += case_rows
         notes += case_notes
-        bandwidths.append(f"{name.upper()} {bandwidth / 1e9:.1f} GB/s")
+        bandwidths.append(f"{name} {bandwidth / 1e9:.1f} GB/s")
     cold, warm = first_call_cold(), first_call_warm()
 
     print(f"# numbabn kernel benchmark{' (--quick)' if args.quick else ''}\n")

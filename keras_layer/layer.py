@@ -146,8 +146,9 @@ class BatchNormalization(_STOCK):
 
         axis = self.axis % len(inputs.shape)
         compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
-        # float16 goes to the kernels as is (they compute in float32); bfloat16 has no
-        # NumPy dtype the kernels take, so it is computed in float32 like Keras does.
+        # float16 goes to the kernels as is (they read and write it themselves); bfloat16
+        # is computed in float32 like Keras does: the compiled op registers float32 and
+        # float64 only (the NumPy API takes ml_dtypes.bfloat16 since issue 13).
         kernel_dtype = "float16" if inputs.dtype == "float16" else compute_dtype
         x = ops.cast(inputs, kernel_dtype)
         gamma = ops.cast(self.gamma, compute_dtype) if self.scale else None

@@ -1,7 +1,8 @@
 """CPU backend: picks the kernel for the layout, allocates outputs, runs it safely.
 
-Inputs arrive validated and in a kernel dtype (float32 or float64: batchnorm.py converts
-float16, see ``NATIVE_FLOAT16``); per-channel vectors are float64. Outputs are written
+Inputs arrive validated and as the kernels take them (`kernel_array`: float16 and
+bfloat16 as views of their bits, which the kernels convert in registers, see ``_half``);
+per-channel vectors are float64. Outputs are written
 into ``out`` when given (through a view when its memory order allows, else through one
 temporary) or into a new array laid out like ``x``.
 
@@ -14,10 +15,8 @@ import numpy as np
 
 from . import _kernels_cpu as k
 from ._layout import blocks, empty_like_layout, input_blocks, prepare
+from ._half import storage_view as kernel_array  # noqa: F401 - batchnorm.py's hook
 from ._runtime import run_kernel
-
-#: float16 is computed in float32: batchnorm.py converts it (one copy) and back.
-NATIVE_FLOAT16 = False
 
 
 def any_negative(v):

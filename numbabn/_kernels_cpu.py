@@ -18,7 +18,12 @@ floating-point sum is fixed by the code.
 
 All arithmetic is in float64, whatever the storage dtype: the kernels are
 memory-bound, so the wider arithmetic is free and the float32 outputs are correctly
-rounded results of float64 computations.
+rounded results of float64 computations. Elements are read with ``widen`` and written
+with ``narrow`` (``_half``): plain casts for float32 and float64 arrays; for float16 and
+bfloat16, which arrive as views of their bits (uint16 and int16), conversions in
+registers with one rounding per output. Numba compiles each kernel once per storage
+dtype, so one source serves all four, with the same task split and so the same
+guarantees (determinism across thread counts, constant channel -> beta).
 """
 
 import types as types_module
@@ -27,6 +32,7 @@ import numba
 import numpy as np
 from numba import carray, cfunc, njit, prange, types
 
+from ._half import narrow, widen
 from .config import CHUNK_ELEMENTS, LANES, MAX_CHUNKS
 
 _OPTS = dict(cache=True, nogil=True)
@@ -107,11 +113,11 @@ def stats_rows(x, rows_per_task, mean, var):
         s2[:] = 0.0
         shift = np.empty(C)
         for c in range(C):
-            shift[c] = x[r0, c]
+            shift[c] = widen(x[r0, c])
         for r in range(r0, r1):
             xr = x[r]
             for c in range(C):
-                d = np.float64(xr[c]) - shift[c]
+                d = widen(xr[c]) - shift[c]
                 s1[c] += d
                 s2[c] += d * d
         n = np.float64(r1 - r0)
@@ -147,7 +153,7 @@ def stats_planes(x, o_per, i_per, mean, var):
     pm2 = np.empty((n_j, C))
     for t in prange(C * n_j):
         c, j, o0, o1, i0, i1 = _plane_task(t, C, O, I, o_per, i_per)
-        shift = np.float64(x[o0, c, i0])
+        shift = widen(x[o0, c, i0])
         a1 = np.zeros(LANES)
         a2 = np.zeros(LANES)
         for o in range(o0, o1):
@@ -156,11 +162,11 @@ def stats_planes(x, o_per, i_per, mean, var):
             for i in range(0, n_vec, LANES):
                 xl = xr[i:i + LANES]
                 for l in range(LANES):
-                    d = np.float64(xl[l]) - shift
+                    d = widen(xl[l]) - shift
                     a1[l] += d
                     a2[l] += d * d
             for l in range(xr.size - n_vec):
-                d = np.float64(xr[n_vec + l]) - shift
+                d = widen(xr[n_vec + l]) - shift
                 a1[l] += d
                 a2[l] += d * d
         s1 = 0.0
@@ -191,7 +197,7 @@ def affine_rows(x, rows_per_task, center, scale, offset, y):
         r1 = min(R, r0 + rows_per_task)
         for r in range(r0, r1):
             for c in range(C):
-                y[r, c] = (np.float64(x[r, c]) - center[c]) * scale[c] + offset[c]
+                y[r, c] = narrow((widen(x[r, c]) - center[c]) * scale[c] + offset[c], y.dtype)
 
 
 @njit(**_OPTS)
@@ -220,7 +226,7 @@ def affine_planes(x, i_per, center, scale, offset, y):
         xr = x[o, c, i0:i1]  # 1-D slices vectorize; 3-D indexing in the loop did not
         yr = y[o, c, i0:i1]
         for i in range(xr.size):
-            yr[i] = (np.float64(xr[i]) - m) * s + b
+            yr[i] = narrow((widen(xr[i]) - m) * s + b, yr.dtype)
 
 
 # ------------------------------------------------------------------------- backward
@@ -241,9 +247,9 @@ def grad_sums_rows(dy, x, rows_per_task, mean, sum_dy, sum_dy_xmu):
         s2[:] = 0.0
         for r in range(r0, r1):
             for c in range(C):
-                g = np.float64(dy[r, c])
+                g = widen(dy[r, c])
                 s1[c] += g
-                s2[c] += g * (np.float64(x[r, c]) - mean[c])
+                s2[c] += g * (widen(x[r, c]) - mean[c])
     _sum_partials(p1, sum_dy)
     _sum_partials(p2, sum_dy_xmu)
 
@@ -268,13 +274,13 @@ def grad_sums_planes(dy, x, o_per, i_per, mean, sum_dy, sum_dy_xmu):
                 xl = xr[i:i + LANES]
                 gl = gr[i:i + LANES]
                 for l in range(LANES):
-                    g = np.float64(gl[l])
+                    g = widen(gl[l])
                     a1[l] += g
-                    a2[l] += g * (np.float64(xl[l]) - m)
+                    a2[l] += g * (widen(xl[l]) - m)
             for l in range(xr.size - n_vec):
-                g = np.float64(gr[n_vec + l])
+                g = widen(gr[n_vec + l])
                 a1[l] += g
-                a2[l] += g * (np.float64(xr[n_vec + l]) - m)
+                a2[l] += g * (widen(xr[n_vec + l]) - m)
         s1 = 0.0
         s2 = 0.0
         for l in range(LANES):
@@ -296,8 +302,8 @@ def grad_input_rows(dy, x, rows_per_task, mean, k_dy, mean_dy, k_x, dx):
         r1 = min(R, r0 + rows_per_task)
         for r in range(r0, r1):
             for c in range(C):
-                dx[r, c] = (k_dy[c] * (np.float64(dy[r, c]) - mean_dy[c])
-                            - k_x[c] * (np.float64(x[r, c]) - mean[c]))
+                dx[r, c] = narrow(k_dy[c] * (widen(dy[r, c]) - mean_dy[c])
+                                  - k_x[c] * (widen(x[r, c]) - mean[c]), dx.dtype)
 
 
 @njit(parallel=True, **_OPTS)
@@ -314,7 +320,8 @@ def grad_input_planes(dy, x, i_per, mean, k_dy, mean_dy, k_x, dx):
         gr = dy[o, c, i0:i1]
         dr = dx[o, c, i0:i1]
         for i in range(xr.size):
-            dr[i] = a * (np.float64(gr[i]) - md) - b * (np.float64(xr[i]) - m)
+            dr[i] = narrow(a * (widen(gr[i]) - md) - b * (widen(xr[i]) - m), dr.dtype)
+
 
 @njit(**_OPTS)
 def any_negative(v):
@@ -499,7 +506,9 @@ SERIAL = _serial_twins(_SERIAL_NAMESPACE)
 # these ``@cfunc`` functions with raw pointers into buffers TensorFlow allocated. Every
 # buffer is a dense C-ordered array viewed as (outer, C, inner) around the channel axis
 # (rows (outer, C) when inner == 1); per-channel vectors are float64; the caller
-# guarantees C > 0 and outer * inner > 0. ``T`` is float32 or float64, one set each:
+# guarantees C > 0 and outer * inner > 0. ``T`` is float32 or float64, one set each (or
+# the bits of a half format, ``_half``'s views: uint16 for float16, int16 for bfloat16;
+# numbabn's TensorFlow op does not register those yet):
 #
 #   train(x: T*, y: T*, gamma, beta, mean, var, invstd: f64*, outer, C, inner: i64, eps: f64)
 #   inference(x: T*, y: T*, gamma, beta, moving_mean, moving_var: f64*, outer, C, inner, eps)
@@ -559,8 +568,8 @@ _entry_points = {}
 def c_entry_points(dtype):
     """``{"train": address, "inference": ..., "backward": ..., "serial_train": ...,
     "serial_inference": ..., "serial_backward": ...}``: the C entry points for ``dtype``
-    ("float32" or "float64"), compiled (or loaded from the cache) on first use; the
-    functions stay alive as long as the process."""
+    ("float32", "float64", or "uint16"/"int16" for float16/bfloat16 bits), compiled (or
+    loaded from the cache) on first use; the functions stay alive as long as the process."""
     dtype = str(dtype)
     if dtype not in _entry_points:
         numba.get_num_threads()  # the threading layer must run first: see above

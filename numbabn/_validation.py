@@ -18,14 +18,21 @@ import operator
 import numpy as np
 
 from . import _device
+from ._half import is_bfloat16
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _FLOAT64 = np.dtype(np.float64)  # NumPy's built-in dtypes are singletons: `is` compares
 
 
 def _dtype_error(name, dtype):
-    return TypeError(f"{name} must be a floating-point array (float16, float32 or "
-                     f"float64); got dtype {dtype}")
+    return TypeError(f"{name} must be a floating-point array (float16, bfloat16 from "
+                     f"ml_dtypes, float32 or float64); got dtype {dtype}")
+
+
+def is_float_dtype(dtype):
+    """float16, float32, float64, or ml_dtypes' bfloat16 (recognized without importing
+    ml_dtypes: an array of it means the caller has it)."""
+    return dtype in FLOAT_DTYPES or is_bfloat16(dtype)
 
 
 def float_array(a, name):
@@ -33,8 +40,16 @@ def float_array(a, name):
     dtype (no copy for either)."""
     if a is None:
         raise TypeError(f"{name} must be an array, not None")
-    arr = _device.as_device_array(a) if _device.is_device_array(a) else np.asarray(a)
-    if arr.dtype not in FLOAT_DTYPES:
+    if _device.is_device_array(a):
+        arr = _device.as_device_array(a)
+        if is_bfloat16(arr.dtype):
+            raise TypeError(f"{name} is a bfloat16 GPU array; the CUDA kernels take "
+                            "float16, float32 or float64 (no bfloat16 yet)")
+        if arr.dtype not in FLOAT_DTYPES:
+            raise _dtype_error(name, arr.dtype)
+        return arr
+    arr = np.asarray(a)
+    if not is_float_dtype(arr.dtype):
         raise _dtype_error(name, arr.dtype)
     return arr
 
@@ -72,7 +87,7 @@ def channel_vector(v, name, channels, optional=False, device=False, anchor="x"):
         return None
     if type(v) is np.ndarray and v.dtype is _FLOAT64 and v.shape == (channels,):
         return v  # the commonest case, in a few hundred nanoseconds
-    if type(v) is np.ndarray and v.dtype in FLOAT_DTYPES and v.shape == (channels,):
+    if type(v) is np.ndarray and is_float_dtype(v.dtype) and v.shape == (channels,):
         return v.astype(np.float64, copy=False)  # the common case, checked at once
     arr = float_array(v, name)
     on_gpu = _device.is_device_array(arr)

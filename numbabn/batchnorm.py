@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _cpu, _device, _half
+from . import _cpu, _device
 from . import _validation as check
 
 
@@ -63,30 +63,25 @@ class BatchStats(NamedTuple):
 
 
 def _kernel_dtype(a, backend):
-    """float16 is computed in float32 on the CPU (one converted copy, see `_half`); the
-    rest natively."""
-    if a.dtype == np.float16 and not backend.NATIVE_FLOAT16:
-        return _half.to_float32(a)
-    return a
-
-
-def _to_output(y, dtype, out):
-    """Return a float32 result of a float16 call as float16, into ``out`` if given."""
-    if y.dtype == dtype:
-        return y
-    return _half.to_float16(y, out)
+    """``a`` as the backend's kernels take it: on the CPU, float16 and bfloat16 as views
+    of their bits (no copy; the kernels convert in registers, see `_half`)."""
+    return backend.kernel_array(a)
 
 
 def _direct_out(out, x, backend):
-    """``out`` can take the kernel's result directly unless a float16 cast is needed."""
-    return out if x.dtype != np.float16 or backend.NATIVE_FLOAT16 else None
+    """The caller's ``out`` as the kernels write it (see `_kernel_dtype`)."""
+    return None if out is None else backend.kernel_array(out)
 
 
 def _result(y, dtype, out, out_given):
-    """The full-size result; the caller's own ``out`` object when one was given (a
-    GPU ``out`` is validated as a Numba view of it, which is what the kernels wrote)."""
-    y = _to_output(y, dtype, out)
-    return y if out_given is None else out_given
+    """The full-size result: the caller's own ``out`` object when one was given (a GPU
+    ``out`` is validated as a Numba view of it, which is what the kernels wrote), else
+    the kernel's output viewed back as ``dtype`` (from the bits of a half format)."""
+    if out_given is not None:
+        return out_given
+    if out is not None:
+        return out
+    return y if y.dtype == dtype else y.view(dtype)
 
 
 def batch_norm_train(x, gamma=None, beta=None, axis=-1, eps=1e-3, *, out=None):
@@ -97,11 +92,14 @@ def batch_norm_train(x, gamma=None, beta=None, axis=-1, eps=1e-3, *, out=None):
 
     Parameters
     ----------
-    x : ndarray or GPU array, float16, float32 or float64, at least 2-D
+    x : ndarray or GPU array, float16, bfloat16, float32 or float64, at least 2-D
         The batch: (N, C) for a dense layer, (N, H, W, C) with ``axis=-1`` or
         (N, C, H, W) with ``axis=1`` for conv feature maps; any rank and memory order.
         A GPU array (anything with ``__cuda_array_interface__``: Numba, CuPy, PyTorch)
-        runs the CUDA kernels, and ``out`` must then be a GPU array too.
+        runs the CUDA kernels, and ``out`` must then be a GPU array too. bfloat16 is
+        ``ml_dtypes.bfloat16`` (TensorFlow's and JAX's NumPy dtype; host arrays only).
+        Half inputs (float16, bfloat16) are read and written in their own format and
+        computed in float64: each output is the float64 result rounded once.
     gamma, beta : ndarray of shape (C,) or None
         Scale and offset. ``None`` means no scale (1) or no offset (0), like Keras's
         ``scale=False`` / ``center=False``.

@@ -18,13 +18,16 @@ def run_worker(mode, **env):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_bitwise_identical_with_1_and_2_threads():
-    runs = {n: run_worker("hashes", NUMBA_NUM_THREADS=str(n)) for n in (1, 2)}
+@pytest.mark.parametrize("mode, n_lines", [("hashes", 5), ("hashes-half", None)])
+def test_bitwise_identical_with_1_and_2_threads(mode, n_lines):
+    """float32, and the half formats (float16; bfloat16 with ml_dtypes)."""
+    runs = {n: run_worker(mode, NUMBA_NUM_THREADS=str(n)) for n in (1, 2)}
     for n, proc in runs.items():
         assert proc.returncode == 0, proc.stderr
         assert f"threads {n}" in proc.stdout
     lines = {n: proc.stdout.splitlines()[:-1] for n, proc in runs.items()}
-    assert len(lines[1]) == 5
+    assert len(lines[1]) == (n_lines or 5 * len({line.split()[0] for line in lines[1]}))
+    assert len(lines[1]) >= 5
     assert lines[1] == lines[2]
 
 

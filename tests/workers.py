@@ -17,10 +17,10 @@ CASES = [((64, 28, 28, 32), -1), ((32, 16, 40, 40), 1), ((100_000, 6), -1),
          ((3, 5, 7), 1), ((2, 3, 70_000), 1)]
 
 
-def _outputs(shape, axis, seed=0):
+def _outputs(shape, axis, seed=0, dtype=np.float32):
     rng = np.random.default_rng(seed)
-    x = (1e3 + rng.standard_normal(shape)).astype(np.float32)
-    dy = rng.standard_normal(shape).astype(np.float32)
+    x = (1e3 + rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
     channels = shape[axis]
     gamma, beta = rng.uniform(0.5, 2, channels), rng.standard_normal(channels)
     y, stats = nbn.batch_norm_train(x, gamma, beta, axis=axis)
@@ -36,10 +36,20 @@ def _digest(arrays):
     return h.hexdigest()
 
 
-def hashes():
+def _half_dtypes():
+    """float16, and bfloat16 where ml_dtypes is installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return [np.float16]
+    return [np.float16, ml_dtypes.bfloat16]
+
+
+def hashes(dtypes=(np.float32,)):
     import numba
-    for shape, axis in CASES:
-        print(shape, axis, _digest(_outputs(shape, axis)))
+    for dtype in dtypes:
+        for shape, axis in CASES:
+            print(np.dtype(dtype).name, shape, axis, _digest(_outputs(shape, axis, dtype=dtype)))
     print("threads", numba.get_num_threads())
 
 
@@ -69,4 +79,5 @@ def concurrent():
 
 
 if __name__ == "__main__":
-    {"hashes": hashes, "concurrent": concurrent}[sys.argv[1]]()
+    {"hashes": hashes, "concurrent": concurrent,
+     "hashes-half": lambda: hashes(_half_dtypes())}[sys.argv[1]]()
