@@ -26,6 +26,7 @@ shared helpers (``report.py`` uses them too).
 """
 
 import os
+import sys
 
 # Before Numba or TensorFlow load (see _common): spinning OpenMP threads left by one
 # library's kernel slow the other library's next operation.
@@ -68,20 +69,28 @@ check_cases.timeout = 600
 
 
 def check_peers():
-    """numbabn, the NumPy peer and TF's fused op on `PEER_CASES`, against float64.
+    """The NumPy peer and TF's fused op on `PEER_CASES`, against float64.
 
-    Without TensorFlow its check is left out; `Peers.setup` then skips the class.
-    Returns the names checked (see `check_cases`).
+    Returns ``{case: {peer: why it cannot be timed}}`` for the peers that failed their
+    check (or, for TF, are not installed); asv hands it to `Peers.setup`, and only those
+    peers' benchmarks fail, each with the reason. A failed check is also printed at once
+    to stderr, which asv shows. numbabn itself is checked by `check_cases`.
     """
+    failed = {}
     for case in PEER_CASES:
         inp, ref = checked_inputs(*CASES[case])
-        check_peer("NumPy", numpy_ops(inp, EPS), ref)
-        try:
-            tf = tf_ops(inp)
-        except NotImplementedError:
-            continue
-        check_peer("TF", tf, ref)
-    return PEER_CASES
+        failed[case] = {}
+        for peer, make_ops in (("numpy", lambda: numpy_ops(inp, EPS)),
+                               ("tf_fused", lambda: tf_ops(inp))):
+            try:
+                check_peer(peer, make_ops(), ref)
+            except NotImplementedError as exc:
+                failed[case][peer] = str(exc)
+            except AssertionError as exc:
+                failed[case][peer] = f"failed its check against float64: {exc}"
+                print(f"PEER CHECK FAILED ({case}): {peer} {exc}; its benchmarks of this "
+                      "case will fail, the others run", file=sys.stderr, flush=True)
+    return failed
 
 
 check_peers.timeout = 600
@@ -210,7 +219,9 @@ class Peers:
     * ``numbabn``: the *allocating* calls, since both peers allocate their outputs on
       every call (a fresh 51 MB output costs a few ms of page faults here).
 
-    Both peers are checked against the float64 reference first (`check_peers`).
+    Both peers are checked against the float64 reference first (`check_peers`), each
+    within its own float32 accuracy (`_common.peer_tolerance`); a peer that fails fails
+    only its own benchmarks, with the reason.
     ``track_speedup_*`` are a peer's time over numbabn's, both best of 10, measured in
     turns.
     """
@@ -221,11 +232,21 @@ class Peers:
 
     setup_cache = staticmethod(check_peers)
 
-    def setup(self, _, case):
+    def setup(self, failed, case):
         self.inp = inputs(case)
-        self.ops = {"numbabn": numbabn_ops(self.inp, None),
-                    "numpy": numpy_ops(self.inp, EPS),
-                    "tf_fused": tf_ops(self.inp)}  # NotImplementedError: skipped
+        self.failed = failed[case]
+        self.ops = {"numbabn": numbabn_ops(self.inp, None)}
+        if "numpy" not in self.failed:
+            self.ops["numpy"] = numpy_ops(self.inp, EPS)
+        if "tf_fused" not in self.failed:
+            self.ops["tf_fused"] = tf_ops(self.inp)
+
+    def _op(self, peer, op):
+        """A peer's operation; a peer that failed its check (or is missing) fails only
+        the benchmarks that time it, with the reason."""
+        if peer in self.failed:
+            raise RuntimeError(f"{peer} is not timed: {self.failed[peer]}")
+        return self.ops[peer][op]
 
     def time_numbabn_train(self, _, case):
         self.ops["numbabn"]["train"]()
@@ -237,25 +258,25 @@ class Peers:
         self.ops["numbabn"]["backward"]()
 
     def time_tf_fused_train(self, _, case):
-        self.ops["tf_fused"]["train"]()
+        self._op("tf_fused", "train")()
 
     def time_tf_fused_inference(self, _, case):
-        self.ops["tf_fused"]["inference"]()
+        self._op("tf_fused", "inference")()
 
     def time_tf_fused_backward(self, _, case):
-        self.ops["tf_fused"]["backward"]()
+        self._op("tf_fused", "backward")()
 
     def time_numpy_train(self, _, case):
-        self.ops["numpy"]["train"]()
+        self._op("numpy", "train")()
 
     def time_numpy_inference(self, _, case):
-        self.ops["numpy"]["inference"]()
+        self._op("numpy", "inference")()
 
     def time_numpy_backward(self, _, case):
-        self.ops["numpy"]["backward"]()
+        self._op("numpy", "backward")()
 
     def _speedup(self, peer, op):
-        t = best_of_interleaved({k: self.ops[k][op] for k in (peer, "numbabn")})
+        t = best_of_interleaved({peer: self._op(peer, op), "numbabn": self.ops["numbabn"][op]})
         return t[peer] / t["numbabn"]
 
     def track_speedup_vs_tf_train(self, _, case):

@@ -53,3 +53,50 @@ def test_overhead_report_checks_and_prints(capsys):
     overhead_report.main(["--repeat", "1"])
     out = capsys.readouterr().out
     assert out.count("| (64, 256) |") == 3 and "speed-up" in out
+
+
+def test_peer_tolerance_comes_from_float32_accumulation():
+    import numpy as np
+    import pytest
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import _common
+
+    # (64, 56, 56, 64): 200,704 elements per channel; the Xeon's TF dgamma, 1.48e-3 off,
+    # is within float32 accumulation's bound, and an O(1) error is far outside it
+    tol = _common.peer_tolerance(np.float32, 64 * 56 * 56)
+    assert 1.48e-3 < tol < 0.02
+    assert _common.peer_tolerance(np.float32, 10) == _common.TOLERANCE[np.dtype(np.float32)]
+    assert _common.peer_tolerance(np.float16, 10) == _common.TOLERANCE[np.dtype(np.float16)]
+
+    from benchmarks._numpy_bn import numpy_ops
+
+    inp, ref = _common.checked_inputs(*_common.CASES["small"])
+    good = numpy_ops(inp, _common.EPS)
+
+    def wrong_backward():
+        dx, dgamma, dbeta = good["backward"]()
+        return dx, dgamma * 1.1, dbeta
+
+    _common.check_peer("numpy", good, ref)
+    with pytest.raises(AssertionError, match="backward dgamma"):
+        _common.check_peer("broken", {**good, "backward": wrong_backward}, ref)
+
+
+def test_a_peer_that_fails_its_check_drops_only_its_own_benchmarks():
+    import pytest
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_kernels import Peers
+
+    failed = {"small": {"tf_fused": "failed its check against float64: (simulated)"}}
+    bench = Peers()
+    bench.setup(failed, "small")
+    for name in ("train", "inference", "backward"):
+        getattr(bench, f"time_numbabn_{name}")(failed, "small")
+        getattr(bench, f"time_numpy_{name}")(failed, "small")
+        with pytest.raises(RuntimeError, match="tf_fused is not timed: failed its check"):
+            getattr(bench, f"time_tf_fused_{name}")(failed, "small")
+    assert bench.track_speedup_vs_numpy_train(failed, "small") > 0
+    with pytest.raises(RuntimeError, match="simulated"):
+        bench.track_speedup_vs_tf_backward(failed, "small")
