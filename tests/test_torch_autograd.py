@@ -95,3 +95,36 @@ def test_compile_fullgraph_matches_eager(backend):
     # and the module's count arithmetic take symbolic sizes), still without a break
     for a, b in zip(_run(compiled, x[:5]), _run(eager, x[:5])):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_path_and_compiled_operators_give_the_same_bits():
+    """Eager calls skip the custom-op dispatcher (``_ops.train``/``inference``: a
+    ``torch.autograd.Function`` over the same bridge functions); compiled graphs call the
+    operators. Both must compute the same bits: outputs, input and parameter gradients,
+    running statistics (momentum None too: a float eagerly, a tensor traced)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(nbt.BatchNorm2d(3), torch.nn.Flatten(),
+                                nbt.BatchNorm1d(3 * 4 * 5, momentum=None))
+    with torch.no_grad():
+        for m in (eager[0], eager[2]):
+            m.weight.uniform_(0.5, 2.0)
+            m.bias.normal_()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    x = (3.0 + torch.randn(6, 3, 4, 5)).to(memory_format=torch.channels_last)
+    w = torch.randn(6, 3 * 4 * 5)
+
+    def run(model, module):
+        out = []
+        for training in (True, True, False):
+            module.train(training)
+            module.zero_grad()
+            xg = x.clone().requires_grad_(True)
+            y = model(xg)
+            (y * w).sum().backward()
+            out += [y.detach(), xg.grad] + [p.grad for p in module.parameters()]
+        return out + list(module.buffers())
+
+    for a, b in zip(run(compiled, compiled_model), run(eager, eager), strict=True):
+        assert torch.equal(a, b)
