@@ -152,8 +152,18 @@ def _grads(ctx, dx, dweight, dbias):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     weight_dtype, bias_dtype = ctx.param_dtypes
     return (dx if need_x else None,
-            torch.from_numpy(dweight).to(weight_dtype) if need_w else None,
-            torch.from_numpy(dbias).to(bias_dtype) if need_b else None)
+            _as_tensor(dweight, weight_dtype) if need_w else None,
+            _as_tensor(dbias, bias_dtype) if need_b else None)
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _as_tensor(a, dtype):
+    """A float64 array as a tensor of ``dtype`` (NumPy's cast: ~1 us against ~3)."""
+    if dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(a.astype(_NUMPY_DTYPES[dtype], copy=False))
+    return torch.from_numpy(a).to(dtype)
 
 
 class _Train(torch.autograd.Function):
