@@ -4,7 +4,9 @@ They subclass ``torch.nn.modules.batchnorm._BatchNorm`` and keep its constructor
 parameters, buffers, ``state_dict`` keys and ``extra_repr``; only ``forward`` differs:
 it mirrors ``_BatchNorm.forward`` and ``torch.nn.functional.batch_norm`` branch by branch
 (which statistics normalize, when and how the buffers are updated, the checks) and
-runs numbabn's operators (``_ops``) instead of ``torch.batch_norm``.
+runs numbabn's kernels (``_ops.train`` / ``_ops.inference``: the custom operators when
+traced, the same bridge functions without the dispatcher eagerly) instead of
+``torch.batch_norm``.
 """
 
 import numba
