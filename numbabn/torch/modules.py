@@ -42,8 +42,7 @@ class _NumbabnBatchNorm(_BatchNorm):
         eager = not torch.compiler.is_compiling()
         training, tracking = self.training, self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
-        num_batches_tracked = self.num_batches_tracked
-        if training and tracking and num_batches_tracked is not None:
+        if training and tracking and (num_batches_tracked := self.num_batches_tracked) is not None:
             num_batches_tracked.add_(1)
             if self.momentum is None:
                 # eagerly the float, the same float64 number; a tensor when traced, since
