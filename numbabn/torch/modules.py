@@ -27,6 +27,13 @@ def _moving_update(running_mean, running_var, mean, var, factor, bessel):
         running_var[c] = np.float64(running_var[c]) * keep + (var[c] * bessel) * factor
 
 
+def _member(module, members, name):
+    """``getattr(module, name)`` for a parameter or buffer, read from its dict when it
+    is there (``nn.Module.__getattr__`` costs ~1 us a name: the failed instance lookup
+    first); a parametrized or reassigned one through ``getattr``."""
+    return members[name] if name in members else getattr(module, name)
+
+
 class _NumbabnBatchNorm(_BatchNorm):
     """``_BatchNorm`` with numbabn's forward; the rank check is the subclasses'."""
 
@@ -42,7 +49,9 @@ class _NumbabnBatchNorm(_BatchNorm):
         eager = not torch.compiler.is_compiling()
         training, tracking = self.training, self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
-        if training and tracking and (num_batches_tracked := self.num_batches_tracked) is not None:
+        buffers = self._buffers
+        if training and tracking and (num_batches_tracked := _member(
+                self, buffers, "num_batches_tracked")) is not None:
             num_batches_tracked.add_(1)
             if self.momentum is None:
                 # eagerly the float, the same float64 number; a tensor when traced, since
@@ -51,11 +60,13 @@ class _NumbabnBatchNorm(_BatchNorm):
                           else 1.0 / num_batches_tracked.to(torch.float64))
         # as _BatchNorm: buffers are passed (so updated) only when tracked in training
         if not training or tracking:
-            running_mean, running_var = self.running_mean, self.running_var
+            running_mean = _member(self, buffers, "running_mean")
+            running_var = _member(self, buffers, "running_var")
         else:
             running_mean = running_var = None
         bn_training = training or (running_mean is None and running_var is None)
-        weight, bias = self.weight, self.bias
+        params = self._parameters
+        weight, bias = _member(self, params, "weight"), _member(self, params, "bias")
         self._check_arguments(input, weight, bias, running_mean, running_var, bn_training)
         if input.numel() == 0:
             return self._empty_batch(input)
