@@ -15,6 +15,14 @@ dtypes and strides (``torch.empty_like`` keeps the memory format in both), so
 AOTAutograd traces the backward graph as well. The autograd formulas save ``x``,
 ``weight`` and per-channel vectors only: nothing else of ``x``'s size.
 
+Eager calls do not go through the operators: `train` and `inference` below run the
+same bridge functions (``_bridge``, the one implementation of the maths) through a
+``torch.autograd.Function``, or directly when no gradient is wanted, unless
+``torch.compiler.is_compiling()``. The operator dispatcher (schema parsing, the
+autograd wrapper of ``register_autograd``) costs ~100 us a call, more than the kernels
+at (64, 256); the operators, with their fake implementations, stay what Dynamo and
+AOTAutograd trace, so compiled graphs have no graph break and give the same bits.
+
 Why the running statistics are not updated in here: an operator that mutates its
 arguments (``mutates_args``) cannot have an autograd formula (``register_autograd``
 refuses mutable operators), so it would need a second operator for the update and a
@@ -26,6 +34,7 @@ letting the module update its buffers with ordinary tensor operations under
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -125,3 +134,121 @@ def _inference_backward(ctx, dy):
 
 batch_norm_train.register_autograd(_train_backward, setup_context=_train_setup)
 batch_norm_inference.register_autograd(_inference_backward, setup_context=_inference_setup)
+
+
+# ------------------------------------------------------------- the eager path
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _param_dtypes(weight, bias):
+    return (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+
+
+def _grads(ctx, dx, dweight, dbias):
+    """The backward's results as tensors: ``dx``, and the parameter gradients (float64
+    arrays) in the parameters' dtypes, None for an input that needs none."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    weight_dtype, bias_dtype = ctx.param_dtypes
+    return (dx if need_x else None,
+            _as_tensor(dweight, weight_dtype) if need_w else None,
+            _as_tensor(dbias, bias_dtype) if need_b else None)
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _as_tensor(a, dtype):
+    """A float64 array as a tensor of ``dtype`` (NumPy's cast: ~1 us against ~3)."""
+    if dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(a.astype(_NUMPY_DTYPES[dtype], copy=False))
+    return torch.from_numpy(a).to(dtype)
+
+
+class _Train(torch.autograd.Function):
+    """`batch_norm_train` on the direct CPU path, with its autograd formula: what the
+    operator and ``register_autograd`` do, without the dispatcher. The statistics stay
+    NumPy arrays on ``ctx`` (fresh, of size C: nothing for autograd to version)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, var, invstd = _bridge.train_direct(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight)
+        ctx.stats = (mean, var, invstd)
+        ctx.param_dtypes = _param_dtypes(weight, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        _no_double_backward()
+        x, weight = ctx.saved_tensors
+        mean, _, invstd = ctx.stats
+        return (*_grads(ctx, *_bridge.backward_direct(dy, x, weight, mean, invstd, True)),
+                None)
+
+
+class _Inference(torch.autograd.Function):
+    """`batch_norm_inference` on the direct CPU path, with its autograd formula."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps):
+        # invstd is taken in the backward: no work for forwards that never get one
+        ctx.save_for_backward(x, weight, running_mean, running_var)
+        ctx.param_dtypes = _param_dtypes(weight, bias)
+        ctx.eps = eps
+        return _bridge.inference_direct(x, weight, bias, running_mean, running_var, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        _no_double_backward()
+        x, weight, running_mean, running_var = ctx.saved_tensors
+        mean = running_mean.numpy().astype(np.float64)
+        invstd = 1.0 / np.sqrt(running_var.numpy().astype(np.float64) + ctx.eps)
+        return (*_grads(ctx, *_bridge.backward_direct(dy, x, weight, mean, invstd, False)),
+                None, None, None)
+
+
+def _apply(function):
+    """``function.apply`` without its Python preamble (~6 us: an ``inspect`` check for
+    ``setup_context`` and the functorch test), for calls outside functorch transforms;
+    `train`/`inference` send those to the operators instead."""
+    return torch._C._FunctionBase.__dict__["apply"].__get__(None, function)
+
+
+_train_apply, _inference_apply = _apply(_Train), _apply(_Inference)
+
+
+def _traced():
+    """Traced by torch.compile, or under a functorch transform (vmap, grad, ...)."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
+def train(x, weight, bias, eps):
+    """``(y, mean, var)``, batch mean and biased variance float64 (C,).
+
+    Traced (`_traced`), or for tensors off the direct CPU path
+    (``_bridge.direct``): the `batch_norm_train` operator, statistics as tensors.
+    Eagerly on the direct path: the same bridge function, through `_Train` when a
+    gradient is wanted, statistics as NumPy arrays (the module's running update reads
+    them as they are).
+    """
+    if _traced() or not _bridge.direct(x):
+        y, mean, var, _ = batch_norm_train(x, weight, bias, eps)
+        return y, mean, var
+    if _needs_grad(x, weight, bias):
+        y = _train_apply(x, weight, bias, eps)
+        mean, var, _ = y.grad_fn.stats
+        return y, mean, var
+    y, mean, var, _ = _bridge.train_direct(x, weight, bias, eps)
+    return y, mean, var
+
+
+def inference(x, weight, bias, running_mean, running_var, eps):
+    """``y``: the `batch_norm_inference` operator traced or off the direct path, the
+    bridge function eagerly (through `_Inference` when a gradient is wanted)."""
+    if _traced() or not _bridge.direct(x):
+        return batch_norm_inference(x, weight, bias, running_mean, running_var, eps)
+    if _needs_grad(x, weight, bias):
+        return _inference_apply(x, weight, bias, running_mean, running_var, eps)
+    return _bridge.inference_direct(x, weight, bias, running_mean, running_var, eps)

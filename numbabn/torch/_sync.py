@@ -173,7 +173,7 @@ class SyncBatchNorm(_NumbabnBatchNorm):
         finally:
             self._sync = None
 
-    def _check_arguments(self, input, running_mean, running_var, bn_training):
+    def _check_arguments(self, input, weight, bias, running_mean, running_var, bn_training):
         if self._sync is not None and bn_training:
             if input.device.type != "cpu":
                 raise NotImplementedError(
@@ -186,7 +186,7 @@ class SyncBatchNorm(_NumbabnBatchNorm):
             # no "more than 1 value per channel" check on the rank's batch: one value, or
             # none, is fine when the group's batch has more (checked on the total)
             bn_training = False
-        super()._check_arguments(input, running_mean, running_var, bn_training)
+        super()._check_arguments(input, weight, bias, running_mean, running_var, bn_training)
 
     def _empty_batch(self, input):
         if self._sync is None:

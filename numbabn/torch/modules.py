@@ -4,13 +4,34 @@ They subclass ``torch.nn.modules.batchnorm._BatchNorm`` and keep its constructor
 parameters, buffers, ``state_dict`` keys and ``extra_repr``; only ``forward`` differs:
 it mirrors ``_BatchNorm.forward`` and ``torch.nn.functional.batch_norm`` branch by branch
 (which statistics normalize, when and how the buffers are updated, the checks) and
-runs numbabn's operators (``_ops``) instead of ``torch.batch_norm``.
+runs numbabn's kernels (``_ops.train`` / ``_ops.inference``: the custom operators when
+traced, the same bridge functions without the dispatcher eagerly) instead of
+``torch.batch_norm``.
 """
 
+import numba
+import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _bridge, _ops
+
+
+@numba.njit(cache=True)
+def _moving_update(running_mean, running_var, mean, var, factor, bessel):
+    """``running = running * (1 - factor) + batch * factor`` for both buffers, in
+    float64 (``batch``: ``mean``, and ``var * bessel``, the unbiased variance)."""
+    keep = 1.0 - factor
+    for c in range(mean.shape[0]):
+        running_mean[c] = np.float64(running_mean[c]) * keep + mean[c] * factor
+        running_var[c] = np.float64(running_var[c]) * keep + (var[c] * bessel) * factor
+
+
+def _member(module, members, name):
+    """``getattr(module, name)`` for a parameter or buffer, read from its dict when it
+    is there (``nn.Module.__getattr__`` costs ~1 us a name: the failed instance lookup
+    first); a parametrized or reassigned one through ``getattr``."""
+    return members[name] if name in members else getattr(module, name)
 
 
 class _NumbabnBatchNorm(_BatchNorm):
@@ -25,28 +46,33 @@ class _NumbabnBatchNorm(_BatchNorm):
         ``momentum`` is None). Eval mode with running statistics: those.
         """
         self._check_input_dim(input)
+        eager = not torch.compiler.is_compiling()
+        training, tracking = self.training, self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        buffers = self._buffers
+        if training and tracking and (num_batches_tracked := _member(
+                self, buffers, "num_batches_tracked")) is not None:
+            num_batches_tracked.add_(1)
             if self.momentum is None:
-                # a tensor, not float(num_batches_tracked): reading the value back
-                # would break a torch.compile graph; the same float64 number eagerly
-                factor = 1.0 / self.num_batches_tracked.to(torch.float64)
-        if self.training:
-            bn_training = True
-        else:
-            bn_training = self.running_mean is None and self.running_var is None
+                # eagerly the float, the same float64 number; a tensor when traced, since
+                # reading the value back would break a torch.compile graph
+                factor = (1.0 / float(num_batches_tracked) if eager
+                          else 1.0 / num_batches_tracked.to(torch.float64))
         # as _BatchNorm: buffers are passed (so updated) only when tracked in training
-        tracked = not self.training or self.track_running_stats
-        running_mean = self.running_mean if tracked else None
-        running_var = self.running_var if tracked else None
-        self._check_arguments(input, running_mean, running_var, bn_training)
+        if not training or tracking:
+            running_mean = _member(self, buffers, "running_mean")
+            running_var = _member(self, buffers, "running_var")
+        else:
+            running_mean = running_var = None
+        bn_training = training or (running_mean is None and running_var is None)
+        params = self._parameters
+        weight, bias = _member(self, params, "weight"), _member(self, params, "bias")
+        self._check_arguments(input, weight, bias, running_mean, running_var, bn_training)
         if input.numel() == 0:
             return self._empty_batch(input)
 
         if not bn_training:
-            return _ops.batch_norm_inference(input, self.weight, self.bias, running_mean,
-                                             running_var, self.eps)
+            return _ops.inference(input, weight, bias, running_mean, running_var, self.eps)
         y, mean, var, count = self._batch_norm_train(input)
         if running_mean is not None and running_var is not None:
             self._update_running_stats(running_mean, running_var, mean, var, count, factor)
@@ -55,13 +81,14 @@ class _NumbabnBatchNorm(_BatchNorm):
     def _batch_norm_train(self, input):
         """Normalize ``input`` with batch statistics: ``(y, mean, var, count)``.
 
-        ``mean`` and ``var`` (biased) are float64 (C,) tensors, ``count`` the number of
+        ``mean`` and ``var`` (biased) are float64 (C,) tensors (or NumPy arrays, on the
+        eager CPU path), ``count`` the number of
         elements per channel they were taken over (the running variance is updated with
         ``var * count / (count - 1)``). The seam for statistics taken beyond this batch
         (synchronized across processes): a subclass overrides this method alone, and
         `forward` keeps the checks and the running-statistics rules.
         """
-        y, mean, var, _ = _ops.batch_norm_train(input, self.weight, self.bias, self.eps)
+        y, mean, var = _ops.train(input, self.weight, self.bias, self.eps)
         return y, mean, var, input.numel() // input.shape[1]
 
     def _empty_batch(self, input):
@@ -74,22 +101,36 @@ class _NumbabnBatchNorm(_BatchNorm):
 
     @staticmethod
     def _update_running_stats(running_mean, running_var, mean, var, count, factor):
-        """``running = (1 - factor) * running + factor * batch``, in float64, in place."""
+        """``running = (1 - factor) * running + factor * batch``, in float64, in place.
+
+        With NumPy statistics (the eager CPU path) one compiled loop (`_moving_update`)
+        does the arithmetic on the (C,) float64 values, the same operations in the same
+        order as the tensor expression (so the same bits: no fused multiply-add),
+        written through the buffers' NumPy views, whose version counters are then bumped
+        as an in-place torch op would: ~2 us where the tensor expression costs ~25 us.
+        """
+        if isinstance(mean, np.ndarray):
+            _moving_update(running_mean.numpy(), running_var.numpy(), mean, var,
+                           float(factor), count / (count - 1))
+            torch.autograd.graph.increment_version((running_mean, running_var))
+            return
         with torch.no_grad():
             unbiased = var * (count / (count - 1))
             for running, batch in ((running_mean, mean), (running_var, unbiased)):
                 running.copy_(running.to(torch.float64) * (1.0 - factor) + batch * factor)
 
-    def _check_arguments(self, input, running_mean, running_var, bn_training):
+    def _check_arguments(self, input, weight, bias, running_mean, running_var, bn_training):
         """torch's checks, with messages that say which argument and what was expected."""
         name = type(self).__name__
-        if input.dtype not in _bridge.FLOAT_DTYPES:
+        dtype = input.dtype
+        if dtype not in _bridge.FLOAT_DTYPES:
             # torch raises NotImplementedError for a dtype its kernel lacks; so do we
             raise NotImplementedError(
                 f'"batch_norm" not implemented for {input.dtype}: numbabn.torch.{name} '
                 "takes float16, bfloat16, float32 or float64 input")
         channels = input.shape[1]
-        tensors = (("weight", self.weight), ("bias", self.bias),
+        device = input.device
+        tensors = (("weight", weight), ("bias", bias),
                    ("running_mean", running_mean), ("running_var", running_var))
         for arg, t in tensors:
             if t is None:
@@ -99,13 +140,13 @@ class _NumbabnBatchNorm(_BatchNorm):
                     f"{arg} should contain {channels} elements not {t.numel()}: the input "
                     f"has {channels} channels (dim 1 of shape {tuple(input.shape)}) and "
                     f"numbabn.torch.{name} was built with num_features={self.num_features}")
-            if t.device != input.device:
+            if t.device != device:
                 raise RuntimeError(
                     "Expected all tensors to be on the same device, but input is on "
                     f"{input.device} and {arg} on {t.device} (numbabn.torch.{name} does "
                     "not move tensors; call .to(device) on the module or the input)")
-            if t.dtype != input.dtype and not (
-                    t.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16)):
+            if t.dtype != dtype and not (
+                    t.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)):
                 raise RuntimeError(
                     f"mixed dtype: {arg} is {t.dtype} but the input is {input.dtype}; "
                     f"numbabn.torch.{name}, as torch, takes parameters of the input's dtype "
