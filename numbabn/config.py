@@ -23,6 +23,11 @@ MAX_CHUNKS = 1024
 #: 256 lanes 3.5 ms).
 LANES = 64
 
+#: Channels-first runs (the H*W elements of one image's channel) shorter than this are
+#: normalized a whole outer index per task instead of a run per task (elementwise
+#: passes only: no sum changes order).
+SHORT_RUN = 256
+
 #: Inputs with fewer elements run their kernels on the calling thread only. With
 #: OMP_WAIT_POLICY=PASSIVE (numbabn's default) waking the second thread costs ~100 us
 #: here; measured on 2 cores, statistics pass of float32 (n/64, 64), mean of back-to-back
