@@ -6,8 +6,9 @@ Two bridges, one maths:
   that call numbabn's Numba-compiled C entry points on buffers TensorFlow allocates. No
   Python or GIL per call, outputs from TensorFlow's allocator (reused memory, no fresh
   pages), an output may reuse its input's buffer, and eager calls cost what any
-  TensorFlow op costs. float32 and float64.
-* **``tf.numpy_function``**, for float16 and wherever the op cannot be built or used
+  TensorFlow op costs. float16, bfloat16, float32 and float64 (the half formats read
+  and written in their own format by the kernels, no cast in TensorFlow ops).
+* **``tf.numpy_function``**, wherever the op cannot be built or used
   (see ``_native``): TensorFlow hands its CPU buffers to NumPy without a copy, and takes
   back a NumPy array without a copy when the array's data are aligned to 64 bytes
   (``_aligned_empty``; TensorFlow copies anything less aligned than Eigen wants).
@@ -131,7 +132,7 @@ def train(x, gamma, beta, axis, epsilon):
 
     Parameters
     ----------
-    x : tf.Tensor, float16, float32 or float64
+    x : tf.Tensor, float16, bfloat16 (compiled op only), float32 or float64
     gamma, beta : tf.Tensor of shape (C,) (float32 or float64) or None
     axis : int
         Non-negative channel axis.
@@ -285,16 +286,27 @@ def _fused_inference(x, gamma, beta, moving_mean, moving_var, axis, epsilon):
 
 # ------------------------------------------------------------------ the compiled op
 
+_NATIVE_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+
+def native_available(dtype):
+    """Whether inputs of ``dtype`` run the compiled op (else ``tf.numpy_function``)."""
+    return tf.as_dtype(dtype) in _NATIVE_DTYPES and _native.load() is not None
+
+
 def _native_ops(x):
-    """The compiled op module for this input, or None (float16, or no op: `_native`)."""
-    if x.dtype not in (tf.float32, tf.float64):
+    """The compiled op module for this input, or None (no op: see `_native`)."""
+    if x.dtype not in _NATIVE_DTYPES:
         return None
     return _native.load()
 
 
 def _native_params(gamma, beta, x):
-    """gamma and beta for the op: one float dtype, an empty vector for an absent one."""
+    """gamma and beta for the op: one float dtype (float32 or float64: the op's P), an
+    empty vector for an absent one."""
     dtype = next((p.dtype for p in (gamma, beta) if p is not None), x.dtype)
+    if dtype not in (tf.float32, tf.float64):  # half parameters, or none with half x
+        dtype = tf.float32
     empty = tf.zeros([0], dtype)
     return (empty if gamma is None else tf.cast(gamma, dtype),
             empty if beta is None else tf.cast(beta, dtype))

@@ -61,8 +61,8 @@ class BatchNormalization(_STOCK):
 
     Same constructor, weights, ``call`` semantics and config as Keras 3's layer (it is a
     subclass, so ``isinstance(layer, keras.layers.BatchNormalization)`` holds). Forward
-    and gradient run numbabn's Numba kernels inside a compiled TensorFlow op (or, for
-    float16 and where it cannot be built, through ``tf.numpy_function``; see
+    and gradient run numbabn's Numba kernels inside a compiled TensorFlow op (or, where
+    it cannot be built, through ``tf.numpy_function``; see
     ``keras_layer._bridge``) and ``tf.custom_gradient``: one pass for the statistics,
     one for the output, two for the gradient, with float64 accumulation (accurate for
     large-mean inputs, where the stock layer loses digits) and bitwise-deterministic
@@ -146,10 +146,14 @@ class BatchNormalization(_STOCK):
 
         axis = self.axis % len(inputs.shape)
         compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
-        # float16 goes to the kernels as is (they read and write it themselves); bfloat16
-        # is computed in float32 like Keras does: the compiled op registers float32 and
-        # float64 only (the NumPy API takes ml_dtypes.bfloat16 since issue 13).
-        kernel_dtype = "float16" if inputs.dtype == "float16" else compute_dtype
+        # Half inputs (mixed_float16, mixed_bfloat16) go to the kernels as they are: the
+        # kernels read and write float16 and bfloat16 themselves, in float64 arithmetic,
+        # so no cast pass runs in TensorFlow ops. Only bfloat16 without the compiled op
+        # (the tf.numpy_function bridge) is computed in float32, as Keras does.
+        kernel_dtype = compute_dtype
+        if inputs.dtype == "float16" or (inputs.dtype == "bfloat16"
+                                         and _bridge.native_available("bfloat16")):
+            kernel_dtype = inputs.dtype
         x = ops.cast(inputs, kernel_dtype)
         gamma = ops.cast(self.gamma, compute_dtype) if self.scale else None
         beta = ops.cast(self.beta, compute_dtype) if self.center else None
@@ -201,6 +205,8 @@ class BatchNormalization(_STOCK):
             if ctx is not None and ctx.num_replicas_in_sync > 1:
                 from . import _sync
 
+                if x.dtype == "bfloat16":  # its NumPy stages run in float32 here
+                    x = ops.cast(x, "float32")
                 return _sync.train(x, gamma, beta, axis, self.epsilon, ctx)
         return _bridge.train(x, gamma, beta, axis, self.epsilon)
 

@@ -1,7 +1,7 @@
 """Eager calls of the layer never run tf.numpy_function.
 
 With the compiled op (keras_layer/_native) eager calls are TensorFlow ops like any
-other. Where the tf.numpy_function bridge runs instead (float16, or no compiler: the
+other. Where the tf.numpy_function bridge runs instead (no compiler, NUMBABN_TF_OP=0: the
 ``numpy_function_bridge`` fixture), ``tf.numpy_function`` executed eagerly would copy
 its inputs and outputs (50 of a 65 ms call on a 51 MB tensor), so that bridge runs the
 kernels directly on DLPack views there. These tests pin both: no numpy_function eagerly,

@@ -10,10 +10,16 @@ import keras  # noqa: E402
 
 from keras_helpers import GRAD_TOL, OUT_TOL, assert_close  # noqa: E402
 
-# Half-precision tolerance: both layers compute in float32 (or better) from the same half
-# inputs and round the result once to half, so they differ by at most an ulp or two of
-# the output: 2 ulp = 2 * 2**-10 relative for float16 (10-bit mantissa), 2 * 2**-7 for
-# bfloat16 (7-bit mantissa), with the same amount absolute for values near zero.
+# Half-precision tolerance. Both layers read the same half inputs (and half upstream
+# gradients) exactly: the stock layer casts them to float32, ours reads them in the
+# kernels (the compiled op on float16/bfloat16 tensors). The stock computes in float32
+# (relative error ~1e-6 for these sizes, far below a half ulp), ours in float64; each
+# rounds its result once to half, within half an ulp of the exact value, so the two are
+# at most 1 ulp apart, plus the rare case where the stock's float32 error moves a value
+# across a rounding boundary. 2 ulp of the output's scale (|y| ~ 1) bounds that: 2 * 2**-10
+# relative for float16 (10-bit mantissa), 2 * 2**-7 for bfloat16 (7-bit mantissa), with the
+# same amount absolute for values near zero. dgamma/dbeta (float32, sums over the same
+# half values) and the moving statistics (float32 variables) keep the float32 tolerances.
 HALF = {"mixed_float16": ("float16", 2 * 2.0**-10), "mixed_bfloat16": ("bfloat16", 2 * 2.0**-7)}
 
 
@@ -33,6 +39,7 @@ def assert_half_close(actual, expected, ulp2, what):
 
 
 VARIANTS = {
+    "dense": (((40, 6), -1), {}),
     "nhwc": (((8, 5, 4, 3), -1), {}),
     "nchw": (((8, 3, 4, 5), 1), {}),
     "renorm_nhwc": (((8, 5, 4, 3), -1), dict(renorm=True, renorm_momentum=0.5,
@@ -119,3 +126,43 @@ def test_half_precision_layer_matches_stock(half):
             # the stock averages in float32 and rounds once; a rounding or two apart
             assert_half_close(vo.value, vs.value, ulp2, f"{vo.name}, training={training}")
         stock.set_weights(ours.get_weights())  # compare each step, not the drift
+
+
+def _graph_of(layer, x, dy, training):
+    """The traced step: forward and backward in training; the forward in inference (its
+    rarely used gradient is TensorFlow arithmetic in float32, see _bridge.inference)."""
+    @tf.function
+    def step(x, dy):
+        if not training:
+            return layer(x, training=False)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return y, tape.gradient(y, [x] + layer.trainable_weights, output_gradients=dy)
+
+    return step.get_concrete_function(x, dy).graph
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+@pytest.mark.parametrize("shape,axis", [((8, 5, 4, 3), -1), ((8, 3, 4, 5), 1), ((40, 6), -1)],
+                         ids=["nhwc", "nchw", "dense"])
+def test_half_activations_reach_the_op_uncast(policy, shape, axis, training):
+    """Under mixed_float16 / mixed_bfloat16 the compiled op takes the half activations and
+    upstream gradients as they are: no Cast op to or from the half dtype in the traced
+    step (forward, and backward in training), and the op's T is the half dtype."""
+    from keras_layer import _native
+
+    assert _native.load() is not None, _native.status()
+    half, _ = HALF[policy]
+    layer = kh.OURS(axis=axis)
+    layer.build(shape)
+    x = tf.cast(tf.random.normal(shape), half)
+    graph = _graph_of(layer, x, tf.ones_like(x), training)
+    numbabn = [op for op in graph.get_operations() if op.type.startswith("Numbabn")]
+    expected = {"NumbabnTrain", "NumbabnTrainGrad"} if training else {"NumbabnInference"}
+    assert {op.type for op in numbabn} == expected
+    assert all(op.get_attr("T") == tf.as_dtype(half) for op in numbabn)
+    assert not [op for op in graph.get_operations() if op.type.startswith("PyFunc")]
+    casts = [op for op in graph.get_operations() if op.type == "Cast"
+             and tf.as_dtype(half) in {op.inputs[0].dtype, op.outputs[0].dtype}]
+    assert not casts, [(op.name, op.inputs[0].dtype, op.outputs[0].dtype) for op in casts]

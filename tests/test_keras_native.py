@@ -251,3 +251,102 @@ def test_large_outputs_reuse_pooled_buffers_once_released():
     again = _bridge.train(x, None, None, 3, 1e-3)[0]
     assert address(again) == first
     np.testing.assert_array_equal(again.numpy(), held.numpy())
+
+
+# ------------------------------------------------------------- float16 and bfloat16
+
+HALF_CASES = [((6, 5), 1), ((4, 5, 6, 3), 3), ((4, 3, 5, 6), 1), ((64, 40, 40, 8), 3)]
+
+
+def _half_numpy(t):
+    """A half tensor as NumPy (float16, or ml_dtypes.bfloat16: what numbabn's API takes)."""
+    a = t.numpy()
+    assert a.dtype.itemsize == 2
+    return a
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "function"])
+@pytest.mark.parametrize("shape,axis", HALF_CASES, ids=[str(c) for c in HALF_CASES])
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_op_equals_numpy_api_bitwise(half, shape, axis, graph):
+    """The op on float16/bfloat16 tensors (float32 parameters, as under Keras's mixed
+    policies) gives bitwise what numbabn's NumPy API gives on the same arrays: the same
+    entry points compiled on the 16-bit patterns; the last case runs the parallel ones."""
+    import numbabn as nbn
+    from numbabn import stages
+
+    rng = np.random.default_rng(11)
+    channels = shape[axis]
+    x = tf.cast(tf.constant(3.0 + 2.0 * rng.standard_normal(shape), tf.float32), half)
+    dy = tf.cast(tf.constant(rng.standard_normal(shape), tf.float32), half)
+    gamma = tf.constant(rng.uniform(0.5, 2, channels).astype("float32"))
+    beta = tf.constant(rng.standard_normal(channels).astype("float32"))
+    mm = tf.constant(rng.standard_normal(channels).astype("float32"))
+    mv = tf.constant(rng.uniform(0.5, 2, channels).astype("float32"))
+
+    def step(x, dy, gamma, beta, mm, mv):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            y, mean, var = _bridge.train(x, gamma, beta, axis, 1e-3)
+        dx, dgamma, dbeta = tape.gradient(y, [x, gamma, beta], output_gradients=dy)
+        y_inf = _bridge.inference(x, gamma, beta, mm, mv, axis, 1e-3)
+        return y, mean, var, dx, dgamma, dbeta, y_inf
+
+    fn = tf.function(step) if graph else step
+    if graph:  # the compiled op, not tf.numpy_function
+        types = _graph_op_types(fn, x, dy, gamma, beta, mm, mv)
+        assert {"NumbabnTrain", "NumbabnTrainGrad", "NumbabnInference"} <= set(types)
+        assert "PyFunc" not in types and "PyFuncStateless" not in types
+    y, mean, var, dx, dgamma, dbeta, y_inf = fn(x, dy, gamma, beta, mm, mv)
+    for t in (y, dx, y_inf):
+        assert t.dtype == half and t.shape == shape
+    assert dgamma.dtype == dbeta.dtype == tf.float32
+
+    x_np, dy_np = _half_numpy(x), _half_numpy(dy)
+    y_ref, stats = nbn.batch_norm_train(x_np, gamma.numpy(), beta.numpy(), axis=axis,
+                                        eps=1e-3)
+    dx_ref, dg_ref, db_ref = nbn.batch_norm_backward(dy_np, x_np, gamma.numpy(), stats,
+                                                     axis=axis)
+    invstd = 1.0 / np.sqrt(mv.numpy().astype(np.float64) + 1e-3)
+    y_inf_ref = stages.batch_norm_apply(x_np, gamma.numpy(), beta.numpy(), mm.numpy(),
+                                        invstd, axis=axis)
+    for got, want in [(y, y_ref), (dx, dx_ref), (y_inf, y_inf_ref)]:
+        assert want.dtype == x_np.dtype
+        assert _half_numpy(got).tobytes() == want.tobytes()
+    assert mean.numpy().tobytes() == np.asarray(stats.mean, np.float64).tobytes()
+    assert var.numpy().tobytes() == np.asarray(stats.var, np.float64).tobytes()
+    assert dgamma.numpy().tobytes() == np.asarray(dg_ref, np.float32).tobytes()
+    assert dbeta.numpy().tobytes() == np.asarray(db_ref, np.float32).tobytes()
+
+
+HALF_FALLBACK = """
+    import numpy as np
+    import tensorflow as tf
+    import keras
+    import keras_helpers as kh
+    from keras_layer import _native
+    for policy, half, tol in [("mixed_float16", "float16", 2 * 2.0**-10),
+                              ("mixed_bfloat16", "bfloat16", 2 * 2.0**-7)]:
+        keras.mixed_precision.set_global_policy(policy)
+        ours, stock = kh.make_pair((8, 5, 4, 3))
+        for mode in ("eager", "function"):
+            x, w = kh.data((8, 5, 4, 3), 7)
+            x = tf.cast(x, half)
+            (y_o, g_o), (y_s, g_s) = (kh.make_step(L, True, mode)(x, tf.constant(w))
+                                      for L in (ours, stock))
+            assert y_o.dtype == half and g_o[0].dtype == half
+            for a, b in [(y_o, y_s), (g_o[0], g_s[0])]:
+                np.testing.assert_allclose(tf.cast(a, tf.float32).numpy(),
+                                           tf.cast(b, tf.float32).numpy(), rtol=tol, atol=tol)
+            kh.assert_weights_close(ours, stock, 1e-5, mode)
+    print("ok", _native.status())
+"""
+
+
+def test_half_precision_without_the_op_uses_numpy_function():
+    """Under mixed_float16 / mixed_bfloat16 without the compiled op (NUMBABN_TF_OP=0),
+    the tf.numpy_function bridge still gives the stock layer's values."""
+    proc = _subprocess(HALF_FALLBACK, NUMBABN_TF_OP="0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok "), proc.stdout
+    assert "NUMBABN_TF_OP=0" in proc.stdout

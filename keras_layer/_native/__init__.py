@@ -30,8 +30,11 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("numbabn_ops.cc")
 
 #: ``numbabn_set_entry`` slots, in the order of ``enum Slot`` in numbabn_ops.cc.
+#: float16 and bfloat16 run the entry points compiled on their bits (uint16, int16).
 _OPERATIONS = ("train_float32", "inference_float32", "backward_float32",
-               "train_float64", "inference_float64", "backward_float64")
+               "train_float64", "inference_float64", "backward_float64",
+               "train_float16", "inference_float16", "backward_float16",
+               "train_bfloat16", "inference_bfloat16", "backward_bfloat16")
 _SLOTS = _OPERATIONS + tuple("serial_" + name for name in _OPERATIONS)
 
 _lock = threading.Lock()
@@ -121,8 +124,9 @@ def _register(lib):
     from numbabn import _kernels_cpu, config
 
     addresses = {}
-    for dtype in ("float32", "float64"):
-        for name, address in _kernels_cpu.c_entry_points(dtype).items():
+    for dtype, bits in (("float32", "float32"), ("float64", "float64"),
+                        ("float16", "uint16"), ("bfloat16", "int16")):
+        for name, address in _kernels_cpu.c_entry_points(bits).items():
             addresses[f"{name}_{dtype}"] = address
     lib.numbabn_set_entry.argtypes = [ctypes.c_int, ctypes.c_void_p]
     for slot, name in enumerate(_SLOTS):

@@ -13,6 +13,10 @@
 // numbabn.config.SERIAL_BELOW elements run, as numbabn's Python API does: waking a
 // second thread costs more than it saves there, and the twin never touches the pool.
 // Per-channel vectors are converted to float64 here: the entry points take float64.
+// float16 (Eigen::half) and bfloat16 tensors go to the entry points compiled on their
+// 16-bit patterns (c_entry_points("uint16") / ("int16"): the same 2-byte elements, read
+// and written in their own format, float64 arithmetic inside); under Keras's
+// mixed_float16 / mixed_bfloat16 policies their parameters are float32.
 //
 // Full-size outputs: an output takes over its input's buffer when TensorFlow allows it
 // (nothing else reads the input); otherwise, at 256 KiB and more, it comes from a pool
@@ -53,6 +57,8 @@ namespace shape_inference = tensorflow::shape_inference;
 enum Slot {
   kTrainF32, kInferenceF32, kBackwardF32,
   kTrainF64, kInferenceF64, kBackwardF64,
+  kTrainF16, kInferenceF16, kBackwardF16,
+  kTrainBF16, kInferenceBF16, kBackwardBF16,
   kSerial,  // kSerial + slot: the serial twin of slot
   kSlots = 2 * kSerial
 };
@@ -215,12 +221,19 @@ Status Float64Vector(const Tensor& t, const char* name, int64_t channels) {
   return Status();
 }
 
+// The slots of element type T: train, inference and backward follow one another.
+template <typename T> struct Slots;
+template <> struct Slots<float> { static constexpr int kFirst = kTrainF32; };
+template <> struct Slots<double> { static constexpr int kFirst = kTrainF64; };
+template <> struct Slots<Eigen::half> { static constexpr int kFirst = kTrainF16; };
+template <> struct Slots<Eigen::bfloat16> { static constexpr int kFirst = kTrainBF16; };
+
 template <typename T>
-constexpr Slot TrainSlot() { return sizeof(T) == 4 ? kTrainF32 : kTrainF64; }
+constexpr Slot TrainSlot() { return static_cast<Slot>(Slots<T>::kFirst); }
 template <typename T>
-constexpr Slot InferenceSlot() { return sizeof(T) == 4 ? kInferenceF32 : kInferenceF64; }
+constexpr Slot InferenceSlot() { return static_cast<Slot>(Slots<T>::kFirst + 1); }
 template <typename T>
-constexpr Slot BackwardSlot() { return sizeof(T) == 4 ? kBackwardF32 : kBackwardF64; }
+constexpr Slot BackwardSlot() { return static_cast<Slot>(Slots<T>::kFirst + 2); }
 
 // The entry point of ``slot`` for an input of ``size`` elements: its serial twin below the
 // threshold.
@@ -390,7 +403,7 @@ REGISTER_OP("NumbabnTrain")
     .Output("mean: double")
     .Output("variance: double")
     .Output("invstd: double")
-    .Attr("T: {float, double}")
+    .Attr("T: {half, bfloat16, float, double}")
     .Attr("P: {float, double}")
     .Attr("axis: int >= 0")
     .SetShapeFn([](shape_inference::InferenceContext* c) {
@@ -406,7 +419,7 @@ REGISTER_OP("NumbabnInference")
     .Input("moving_variance: P")
     .Input("epsilon: double")
     .Output("y: T")
-    .Attr("T: {float, double}")
+    .Attr("T: {half, bfloat16, float, double}")
     .Attr("P: {float, double}")
     .Attr("axis: int >= 0")
     .SetShapeFn([](shape_inference::InferenceContext* c) { return ShapeOf(c, 0, 0); })
@@ -421,7 +434,7 @@ REGISTER_OP("NumbabnTrainGrad")
     .Output("dx: T")
     .Output("dgamma: P")
     .Output("dbeta: P")
-    .Attr("T: {float, double}")
+    .Attr("T: {half, bfloat16, float, double}")
     .Attr("P: {float, double}")
     .Attr("axis: int >= 0")
     .SetShapeFn([](shape_inference::InferenceContext* c) { return ShapeOf(c, 1, 2); })
@@ -441,3 +454,7 @@ NUMBABN_REGISTER(float, float)
 NUMBABN_REGISTER(float, double)
 NUMBABN_REGISTER(double, float)
 NUMBABN_REGISTER(double, double)
+NUMBABN_REGISTER(Eigen::half, float)
+NUMBABN_REGISTER(Eigen::half, double)
+NUMBABN_REGISTER(Eigen::bfloat16, float)
+NUMBABN_REGISTER(Eigen::bfloat16, double)
