@@ -23,9 +23,6 @@ service's heartbeat).
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,8 +30,10 @@ import numpy as np
 import pytest
 
 import keras_multiworker_worker as mw
+from process_group import WorkerFailure, free_ports, run_processes
 
 HERE = Path(__file__).parent
+WHAT = "multi-worker run"
 WORKER = HERE / "keras_multiworker_worker.py"
 
 # Wall-clock limit for a whole run. A healthy one takes ~15-25 s on 2 busy cores: three
@@ -59,21 +58,6 @@ STEPS, N = len(mw.SHARES), max(sum(s) for s in mw.SHARES)
 REL_TOL = 16 * STEPS * (N - 1) * 2.0 ** -23
 
 
-class WorkerFailure(AssertionError):
-    """A worker process failed or did not finish in time."""
-
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("localhost", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _tf_config(ports, index):
     return json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
                        "task": {"type": "worker", "index": index}})
@@ -89,58 +73,9 @@ def _env(**extra):
     return env
 
 
-def _tail(path, chars=2000):
-    lines = [line for line in path.read_text(errors="replace").splitlines()
-             if "cpu_feature_guard" not in line and "absl::InitializeLog" not in line
-             and "To enable the following instructions" not in line]
-    return "\n".join(lines)[-chars:]
-
-
-def run_processes(specs, tmp_path, timeout):
-    """Run ``{name: (worker args, env)}`` at once; return when every one has exited 0.
-
-    As soon as one exits non-zero, or ``timeout`` seconds pass, kill them all and raise
-    `WorkerFailure` naming each one's state and the tail of its output.
-    """
-    procs, logs = {}, {}
-    reason = None
-    try:
-        for name, (args, env) in specs.items():
-            logs[name] = tmp_path / (name.replace(" ", "_") + ".log")
-            with open(logs[name], "w") as log:
-                procs[name] = subprocess.Popen([sys.executable, str(WORKER), *args], env=env,
-                                               stdout=log, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while reason is None:
-            codes = {name: p.poll() for name, p in procs.items()}
-            failed = [name for name, code in codes.items() if code not in (None, 0)]
-            if failed:
-                reason = "failed: " + ", ".join(f"{n} exited with status {codes[n]}"
-                                                for n in failed)
-            elif all(code == 0 for code in codes.values()):
-                return
-            elif time.monotonic() > deadline:
-                reason = (f"timed out after {timeout} s: "
-                          + ", ".join(n for n, c in codes.items() if c is None)
-                          + " still running")
-            else:
-                time.sleep(0.2)
-    finally:  # on failure, timeout or an interrupted test: no process outlives the test
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-        for p in procs.values():
-            p.wait()
-    states = "\n".join(
-        f"--- {name} (status {p.returncode}{', killed' if p.returncode == -9 else ''}):\n"
-        f"{_tail(logs[name])}" for name, p in procs.items())
-    raise WorkerFailure(f"multi-worker run {reason}\n{states}")
-
-
 def _workers(tmp_path, extra_env=None):
     """Both workers' specs for `run_processes`; ``extra_env``: {index: {name: value}}."""
-    ports = _free_ports(2)
+    ports = free_ports(2)
     extra_env = extra_env or {}
     return {f"worker {i}": (["multi", str(tmp_path / f"worker{i}.npz")],
                             _env(TF_CONFIG=_tf_config(ports, i), **extra_env.get(i, {})))
@@ -154,7 +89,7 @@ def _variables(npz):
 def test_two_workers_agree_bitwise_and_equal_one_process_on_the_whole_batch(tmp_path):
     specs = _workers(tmp_path)
     specs["single process"] = (["single", str(tmp_path / "single.npz")], _env())
-    run_processes(specs, tmp_path, TIMEOUT)
+    run_processes(WORKER, specs, tmp_path, TIMEOUT, WHAT)
     runs = [np.load(tmp_path / f"{n}.npz") for n in ("worker0", "worker1", "single")]
 
     # unequal shares, an empty one on each worker, adding up to the single batches
@@ -186,7 +121,8 @@ def test_a_worker_that_dies_fails_the_run_at_once(tmp_path):
     deadline, both workers are gone, and the failure shows worker 1's last output."""
     start = time.monotonic()
     with pytest.raises(WorkerFailure) as info:
-        run_processes(_workers(tmp_path, {1: {"MW_DIE_AFTER_STEP": "1"}}), tmp_path, TIMEOUT)
+        run_processes(WORKER, _workers(tmp_path, {1: {"MW_DIE_AFTER_STEP": "1"}}),
+                      tmp_path, TIMEOUT, WHAT)
     elapsed = time.monotonic() - start
     message = str(info.value)
     assert "worker 1 exited with status 3" in message
@@ -202,6 +138,6 @@ def test_a_missing_worker_fails_by_the_deadline(tmp_path):
     del specs["worker 1"]
     with pytest.raises(WorkerFailure,
                        match=r"timed out after \d+ s: worker 0 still running") as info:
-        run_processes(specs, tmp_path, SHORT_TIMEOUT)
+        run_processes(WORKER, specs, tmp_path, SHORT_TIMEOUT, WHAT)
     assert "worker 0: waiting for the cluster" in str(info.value)
     assert time.monotonic() - start < SHORT_TIMEOUT + 10

@@ -14,9 +14,6 @@ peer is gone waits in a collective until the group's timeout otherwise).
 """
 
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,8 +23,10 @@ import pytest
 pytest.importorskip("torch")
 
 import torch_sync_worker as sw  # noqa: E402
+from process_group import WorkerFailure, free_ports, run_processes  # noqa: E402
 
 HERE = Path(__file__).parent
+WHAT = "synchronized run"
 WORKER = HERE / "torch_sync_worker.py"
 # A healthy run takes ~5-10 s on 2 busy cores (two PyTorch start-ups, 4 steps); the
 # deadline leaves a loaded CI machine 20x that. A dead rank fails the run at once (its
@@ -53,16 +52,6 @@ STEPS, K = len(sw.SHARES), max(sum(s) for s in sw.SHARES) * sw.SIZE * sw.SIZE
 REL_TOL = 16 * STEPS * (K - 1) * 2.0 ** -23
 
 
-class WorkerFailure(AssertionError):
-    """A process failed or did not finish in time."""
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra):
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", NUMBA_NUM_THREADS="1",
                CUDA_VISIBLE_DEVICES="",
@@ -72,49 +61,8 @@ def _env(**extra):
     return env
 
 
-def run_processes(specs, tmp_path, timeout):
-    """Run ``{name: (worker args, env)}`` at once; return when every one has exited 0.
-
-    As soon as one exits non-zero, or ``timeout`` seconds pass, kill them all (SIGKILL)
-    and raise `WorkerFailure` naming each one's state and the tail of its output.
-    """
-    procs, logs, reason = {}, {}, None
-    try:
-        for name, (args, env) in specs.items():
-            logs[name] = tmp_path / (name.replace(" ", "_") + ".log")
-            with open(logs[name], "w") as log:
-                procs[name] = subprocess.Popen([sys.executable, str(WORKER), *args], env=env,
-                                               stdout=log, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while reason is None:
-            codes = {name: p.poll() for name, p in procs.items()}
-            failed = [name for name, code in codes.items() if code not in (None, 0)]
-            if failed:
-                reason = "failed: " + ", ".join(f"{n} exited with status {codes[n]}"
-                                                for n in failed)
-            elif all(code == 0 for code in codes.values()):
-                return
-            elif time.monotonic() > deadline:
-                reason = (f"timed out after {timeout} s: "
-                          + ", ".join(n for n, c in codes.items() if c is None)
-                          + " still running")
-            else:
-                time.sleep(0.1)
-    finally:  # on failure, timeout or an interrupted test: no process outlives the test
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-        for p in procs.values():
-            p.wait()
-    states = "\n".join(
-        f"--- {name} (status {p.returncode}{', killed' if p.returncode == -9 else ''}):\n"
-        f"{logs[name].read_text(errors='replace')[-2000:]}" for name, p in procs.items())
-    raise WorkerFailure(f"synchronized run {reason}\n{states}")
-
-
 def _ranks(tmp_path, extra_env=None):
-    port = str(_free_port())
+    port = str(free_ports(1)[0])
     extra_env = extra_env or {}
     return {f"rank {r}": (["rank", str(r), "2", port, str(tmp_path / f"rank{r}.npz")],
                           _env(**extra_env.get(r, {})))
@@ -122,7 +70,7 @@ def _ranks(tmp_path, extra_env=None):
 
 
 def test_two_ranks_agree_bitwise_and_equal_one_process_on_the_whole_batch(tmp_path):
-    run_processes(_ranks(tmp_path), tmp_path, TIMEOUT)
+    run_processes(WORKER, _ranks(tmp_path), tmp_path, TIMEOUT, WHAT)
     r0, r1 = (dict(np.load(tmp_path / f"rank{r}.npz")) for r in (0, 1))
     # the single process is this one (no group: SyncBatchNorm normalizes the whole batch)
     ref = {k: np.asarray(v) for k, v in sw.train().items()}
@@ -158,7 +106,8 @@ def test_a_rank_that_dies_fails_the_run_at_once(tmp_path):
     deadline, both ranks are gone, and the failure shows rank 1's last output."""
     start = time.monotonic()
     with pytest.raises(WorkerFailure) as info:
-        run_processes(_ranks(tmp_path, {1: {"SYNC_DIE_AFTER_STEP": "1"}}), tmp_path, TIMEOUT)
+        run_processes(WORKER, _ranks(tmp_path, {1: {"SYNC_DIE_AFTER_STEP": "1"}}),
+                      tmp_path, TIMEOUT, WHAT)
     elapsed = time.monotonic() - start
     message = str(info.value)
     assert "rank 1 exited with status 3" in message
@@ -174,7 +123,7 @@ def test_a_missing_rank_fails_by_the_deadline(tmp_path):
     del specs["rank 1"]
     with pytest.raises(WorkerFailure,
                        match=r"timed out after \d+ s: rank 0 still running") as info:
-        run_processes(specs, tmp_path, SHORT_TIMEOUT)
+        run_processes(WORKER, specs, tmp_path, SHORT_TIMEOUT, WHAT)
     assert "rank 0: joining the group" in str(info.value)
     assert time.monotonic() - start < SHORT_TIMEOUT + 10
 
