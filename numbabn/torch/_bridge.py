@@ -25,19 +25,35 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # ---------------------------------------------------------------- the dtype policy
 # The one place that decides how a tensor dtype reaches the kernels. NumPy has no
-# bfloat16, so bfloat16 is computed through one float32 copy, the result rounded back.
-# When numbabn's kernels read bfloat16 (ml_dtypes) natively, this block changes (and
-# `_full` views a bfloat16 tensor as ``t.view(torch.int16).numpy().view(bfloat16)``,
-# since ``Tensor.numpy`` refuses bfloat16); nothing else does.
+# bfloat16 of its own: a bfloat16 CPU tensor reaches the kernels as an
+# ``ml_dtypes.bfloat16`` view of its memory (`_full`), which they read and write natively.
+# Without ml_dtypes, and on the GPU (numbabn's CUDA kernels do not take bfloat16), it
+# is computed through one float32 copy, the result rounded back.
+
+def _ml_bfloat16():
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return ml_dtypes.bfloat16
+
+
+_BFLOAT16 = _ml_bfloat16()
+
+
+def _copied(t):
+    """Whether ``t`` (bfloat16 without native support) goes through a float32 copy."""
+    return t.dtype == torch.bfloat16 and (_BFLOAT16 is None or not t.is_cpu)
+
 
 def _kernel_tensor(t):
-    """``t`` as the kernels read it: itself, or a float32 copy of a bfloat16 tensor."""
-    return t.float() if t.dtype == torch.bfloat16 else t
+    """``t`` as the kernels read it: itself, or a float32 copy (`_copied`)."""
+    return t.float() if _copied(t) else t
 
 
 def _output_like(x):
-    """(tensor returned, tensor the kernels write): one tensor unless ``x`` is bfloat16."""
-    if x.dtype == torch.bfloat16:
+    """(tensor returned, tensor the kernels write): one tensor unless `_copied`."""
+    if _copied(x):
         return torch.empty_like(x), _empty_like(x, torch.float32)
     y = _empty_like(x, x.dtype)
     return y, y
@@ -102,6 +118,8 @@ def _full(t):
         # sync=False: the interface names PyTorch's current stream, and Numba would wait
         # for it on the host; the kernels go on that same stream instead (`_scope`)
         return _device.cuda().as_cuda_array(t, sync=False)
+    if t.dtype == torch.bfloat16:  # Tensor.numpy refuses bfloat16: view its bits
+        return t.view(torch.int16).numpy().view(_BFLOAT16)
     return t.numpy()
 
 
