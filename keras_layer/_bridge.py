@@ -298,7 +298,7 @@ def _native_ops(x):
     """The compiled op module for this input, or None (no op: see `_native`)."""
     if x.dtype not in _NATIVE_DTYPES:
         return None
-    return _native.load()
+    return _native.ensure(x.dtype.name)
 
 
 def _native_params(gamma, beta, x):

@@ -350,3 +350,13 @@ def test_half_precision_without_the_op_uses_numpy_function():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok "), proc.stdout
     assert "NUMBABN_TF_OP=0" in proc.stdout
+
+
+def test_entry_points_register_per_dtype_on_first_use():
+    """float32's entry points at load (restored graphs run at once); another dtype's when a
+    layer first builds an op of it (~30 s each with a cold Numba cache, so not at load)."""
+    assert _native.load() is not None
+    assert "float32" in _native._state["registered"]
+    x = tf.constant(np.ones((4, 3), np.float64))
+    assert _bridge._native_ops(x) is _native.load()
+    assert "float64" in _native._state["registered"]

@@ -120,20 +120,25 @@ def _thread_safe_layer():
     return layer if layer in ("tbb", "omp") else None
 
 
-def _register(lib):
-    from numbabn import _kernels_cpu, config
+#: the entry points each tensor dtype runs: float16 and bfloat16 run those compiled on
+#: their bits
+_ENTRY_DTYPES = {"float32": "float32", "float64": "float64", "float16": "uint16",
+                 "bfloat16": "int16"}
 
-    addresses = {}
-    for dtype, bits in (("float32", "float32"), ("float64", "float64"),
-                        ("float16", "uint16"), ("bfloat16", "int16")):
-        for name, address in _kernels_cpu.c_entry_points(bits).items():
-            addresses[f"{name}_{dtype}"] = address
+
+def _register(lib, dtype):
+    """Compile (or load from Numba's cache) ``dtype``'s entry points and hand them to the
+    library. ~30 s a dtype with a cold cache (parallel and serial versions of three
+    operations), so only float32 is registered at load and the others on first use
+    (`ensure`), before any op of theirs can run."""
+    from numbabn import _kernels_cpu
+
     lib.numbabn_set_entry.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    for slot, name in enumerate(_SLOTS):
-        if lib.numbabn_set_entry(slot, addresses[name]) != 0:
-            raise RuntimeError(f"the op library rejected entry point {name}")
-    lib.numbabn_set_serial_below.argtypes = [ctypes.c_int64]
-    lib.numbabn_set_serial_below(config.SERIAL_BELOW)
+    for name, address in _kernels_cpu.c_entry_points(_ENTRY_DTYPES[dtype]).items():
+        entry = f"{name}_{dtype}"
+        if lib.numbabn_set_entry(_SLOTS.index(entry), address) != 0:
+            raise RuntimeError(f"the op library rejected entry point {entry}")
+    _state["registered"].add(dtype)
 
 
 def _load():
@@ -149,8 +154,14 @@ def _load():
         return None, f"the op could not be compiled: {exc}"
     import tensorflow as tf
 
+    from numbabn import config
+
     ops = tf.load_op_library(str(path))
-    _register(ctypes.CDLL(str(path)))  # the same library: dlopen returns the loaded one
+    lib = ctypes.CDLL(str(path))  # the same library: dlopen returns the loaded one
+    lib.numbabn_set_serial_below.argtypes = [ctypes.c_int64]
+    lib.numbabn_set_serial_below(config.SERIAL_BELOW)
+    _state["lib"], _state["registered"] = lib, set()
+    _register(lib, "float32")  # graphs restored without tracing (SavedModels) run at once
     return ops, None
 
 
@@ -169,6 +180,20 @@ def load():
                               "tf.numpy_function instead, which is slower per call.",
                               RuntimeWarning, stacklevel=3)
         return _state["ops"]
+
+
+def ensure(dtype):
+    """The op module, with ``dtype``'s entry points registered (compiled on first use), or
+    ``None`` as `load`. Called where a layer builds an op of that dtype, which is before
+    the op can run."""
+    ops = load()
+    if ops is None:
+        return None
+    dtype = str(dtype)
+    with _lock:
+        if dtype not in _state["registered"]:
+            _register(_state["lib"], dtype)
+    return ops
 
 
 def status():

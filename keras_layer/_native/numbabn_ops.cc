@@ -243,8 +243,10 @@ Status Entry(Slot slot, int64_t size, Fn* fn) {
   *fn = reinterpret_cast<Fn>(g_entries[index].load());
   if (*fn == nullptr) {
     return errors::FailedPrecondition(
-        "numbabn's TensorFlow op library was loaded without its entry points; load it "
-        "through keras_layer._native.load()");
+        "numbabn's TensorFlow op has no entry points for this dtype yet; load it through "
+        "keras_layer._native.load(), and call keras_layer._native.ensure(dtype) before "
+        "running a restored graph of float64, float16 or bfloat16 ops (float32 is ready "
+        "at load)");
   }
   return Status();
 }
