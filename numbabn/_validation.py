@@ -143,13 +143,15 @@ def _same_view(a, b):
             and a.strides == b.strides and a.shape == b.shape)
 
 
-def positive_float(value, name):
+def positive_float(value, name, *, zero=False):
+    """``value`` as a float, checked finite and > 0 (>= 0 with ``zero``)."""
     if type(value) is float and 0.0 < value < math.inf:  # the common case, at once
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    if not (math.isfinite(value) and (value > 0 or (zero and value == 0))):
+        bound = ">= 0" if zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}; got {value!r}")
     return float(value)
 
 

@@ -185,7 +185,8 @@ def batch_norm_inference(x, gamma, beta, moving_mean, moving_var, axis=-1, eps=1
     axis : int, default -1
         The channel axis.
     eps : float, default 1e-3
-        Added to ``moving_var``; must be > 0.
+        Added to ``moving_var``; must be >= 0 (0 as torch allows it at inference: a
+        zero ``moving_var`` then gives inf or NaN in its channel).
     out : ndarray, optional
         Array of ``x``'s shape and dtype to write into (``x`` itself is allowed).
 
@@ -210,7 +211,7 @@ def batch_norm_inference(x, gamma, beta, moving_mean, moving_var, axis=-1, eps=1
     moving_var = check.channel_vector(moving_var, "moving_var", channels, device=gpu)
     if isinstance(moving_var, np.ndarray) and _cpu.any_negative(moving_var):
         raise ValueError(f"moving_var must be non-negative; got minimum {np.nanmin(moving_var)}")
-    eps = check.positive_float(eps, "eps")
+    eps = check.positive_float(eps, "eps", zero=True)
     out_given, out = out, check.out_array(out, x.shape, x.dtype, [x])
 
     y = backend.inference(_kernel_dtype(x, backend), axis, gamma, beta, moving_mean,

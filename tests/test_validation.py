@@ -55,6 +55,8 @@ CASES = [
     (inference, dict(moving_var=np.ones(2)), ValueError, "moving_var must have shape (4,)"),
     (inference, dict(moving_var=-C4), ValueError, "moving_var must be non-negative"),
     (inference, dict(moving_mean=None), TypeError, "moving_mean must be an array"),
+    (inference, dict(eps=-1e-3), ValueError, "eps must be a finite number >= 0"),
+    (inference, dict(eps=0.0), None, None),  # as torch at inference
     (backward, dict(dy=np.ones((8, 4), np.float64)), TypeError, "dy must have the dtype of x"),
     (backward, dict(dy=np.ones((8, 3), np.float32)), ValueError, "dy must have the shape of x"),
     (backward, dict(stats=(1, 2)), TypeError, "stats must be the BatchStats"),

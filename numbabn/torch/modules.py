@@ -158,10 +158,8 @@ class _NumbabnBatchNorm(_BatchNorm):
             if self.eps <= 0.0:
                 raise ValueError(f"batch_norm eps must be positive during training, but got "
                                  f"{self.eps}")
-        elif self.eps <= 0.0:
-            # torch allows eps == 0 here; numbabn's kernels need eps > 0 (1/sqrt(var + eps)
-            # stays finite for a zero running variance)
-            raise ValueError(f"numbabn.torch.{name} needs eps > 0; got {self.eps}")
+        elif self.eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
 
 
 class BatchNorm1d(_NumbabnBatchNorm):
@@ -172,7 +170,7 @@ class BatchNorm1d(_NumbabnBatchNorm):
     num_features : int
         ``C``, the channel count.
     eps : float, default 1e-5
-        Added to the variance; must be > 0.
+        Added to the variance; must be > 0 in training, >= 0 in eval (as torch).
     momentum : float or None, default 0.1
         Weight of the new batch in the running statistics; ``None``: cumulative average.
     affine : bool, default True
