@@ -26,6 +26,7 @@ dtype, so one source serves all four, with the same task split and so the same
 guarantees (determinism across thread counts, constant channel -> beta).
 """
 
+import threading
 import types as types_module
 
 import numba
@@ -591,21 +592,28 @@ def _entry_signatures(t):
 _ENTRY_BODIES = {"train": _entry_train, "inference": _entry_inference,
                  "backward": _entry_backward}
 _entry_points = {}
+_entry_lock = threading.Lock()  # a set compiles whole before anyone reads it
 
 
-def c_entry_points(dtype):
-    """``{"train": address, "inference": ..., "backward": ..., "serial_train": ...,
-    "serial_inference": ..., "serial_backward": ...}``: the C entry points for ``dtype``
+def c_entry_points(dtype, parallel=True):
+    """``{"serial_train": address, "serial_inference": ..., "serial_backward": ...,
+    "train": ..., "inference": ..., "backward": ...}``: the C entry points for ``dtype``
     ("float32", "float64", or "uint16"/"int16" for float16/bfloat16 bits), compiled (or
-    loaded from the cache) on first use; the functions stay alive as long as the process."""
+    loaded from the cache) on first use; the functions stay alive as long as the process.
+    ``parallel=False``: the serial twins only (each set takes ~15 s to compile with a
+    cold cache; numbabn's TensorFlow op compiles the parallel set in the background)."""
     dtype = str(dtype)
-    if dtype not in _entry_points:
-        numba.get_num_threads()  # the threading layer must run first: see above
-        compiled = {}
-        for name, signature in _entry_signatures(getattr(types, dtype)).items():
-            body = _ENTRY_BODIES[name]
-            compiled[name] = cfunc(signature, cache=True)(body)
-            compiled["serial_" + name] = cfunc(signature, cache=True)(
-                _twin_function(body, _SERIAL_NAMESPACE))
-        _entry_points[dtype] = compiled
-    return {name: f.address for name, f in _entry_points[dtype].items()}
+    kinds = ("serial_", "") if parallel else ("serial_",)
+    with _entry_lock:
+        compiled = _entry_points.setdefault(dtype, {})
+        if any(kind + "train" not in compiled for kind in kinds):
+            numba.get_num_threads()  # the threading layer must run first: see above
+        for kind in kinds:
+            for name, signature in _entry_signatures(getattr(types, dtype)).items():
+                if kind + name not in compiled:
+                    body = _ENTRY_BODIES[name]
+                    if kind:
+                        body = _twin_function(body, _SERIAL_NAMESPACE)
+                    compiled[kind + name] = cfunc(signature, cache=True)(body)
+        return {name: f.address for name, f in compiled.items()
+                if parallel or name.startswith("serial_")}

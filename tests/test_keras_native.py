@@ -360,3 +360,27 @@ def test_entry_points_register_per_dtype_on_first_use():
     x = tf.constant(np.ones((4, 3), np.float64))
     assert _bridge._native_ops(x) is _native.load()
     assert "float64" in _native._state["registered"]
+
+
+def test_serial_twins_stand_in_until_the_parallel_entry_points_arrive():
+    """The parallel entry points compile in the background (`_native._register`); until
+    one is handed over, the op runs its serial twin on large inputs too, with the same
+    bits. Simulated by clearing the parallel train slot of float32 and restoring it."""
+    from numbabn import _kernels_cpu
+
+    ops = _native.load()
+    assert ops is not None and _native.wait_compiled(timeout=900)
+    lib, slot = _native._state["lib"], _native._SLOTS.index("train_float32")
+    address = _kernels_cpu.c_entry_points("float32")["train"]
+    x = tf.constant(np.random.default_rng(7).standard_normal((64, 40, 40, 8), np.float32))
+    g = tf.constant(np.linspace(0.5, 1.5, 8))
+    b = tf.constant(np.linspace(-1, 1, 8))
+    eps = tf.constant(1e-3, tf.float64)
+    parallel = [t.numpy() for t in ops.numbabn_train(x, g, b, eps, axis=3)]
+    assert lib.numbabn_set_entry(slot, None) == 0
+    try:
+        serial = [t.numpy() for t in ops.numbabn_train(x, g, b, eps, axis=3)]
+    finally:
+        assert lib.numbabn_set_entry(slot, address) == 0
+    for p, s in zip(parallel, serial):
+        np.testing.assert_array_equal(p, s)

@@ -128,17 +128,48 @@ _ENTRY_DTYPES = {"float32": "float32", "float64": "float64", "float16": "uint16"
 
 def _register(lib, dtype):
     """Compile (or load from Numba's cache) ``dtype``'s entry points and hand them to the
-    library. ~30 s a dtype with a cold cache (parallel and serial versions of three
-    operations), so only float32 is registered at load and the others on first use
-    (`ensure`), before any op of theirs can run."""
+    library: the serial twins now, the parallel versions in a background thread.
+
+    With a cold cache each set takes ~15 s (a dtype's entry points, ~30 s, were once all
+    compiled at load: a fresh `make demo` spent its first epoch compiling). Until the
+    parallel set is handed over, the op runs the serial twins for every input (the same
+    code and order of sums, so the same bits; only slower on large inputs). So only
+    float32 is registered at load and the others on first use (`ensure`), before any op
+    of theirs can run. The background thread is not a daemon: a process that ends
+    sooner waits for it rather than tearing LLVM down under it."""
     from numbabn import _kernels_cpu
 
+    _hand_over(lib, dtype, _kernels_cpu.c_entry_points(_ENTRY_DTYPES[dtype], parallel=False))
+    _state["registered"].add(dtype)
+
+    def parallel():
+        try:
+            _hand_over(lib, dtype, _kernels_cpu.c_entry_points(_ENTRY_DTYPES[dtype]))
+        except Exception as exc:  # noqa: BLE001 - the serial twins keep working
+            warnings.warn(f"keras_layer: the parallel {dtype} entry points of numbabn's "
+                          f"TensorFlow op failed to compile ({exc!r}); its serial ones "
+                          "run every input", RuntimeWarning, stacklevel=1)
+
+    thread = threading.Thread(target=parallel, name=f"numbabn-compile-{dtype}")
+    _state["compiling"][dtype] = thread
+    thread.start()
+
+
+def _hand_over(lib, dtype, addresses):
     lib.numbabn_set_entry.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    for name, address in _kernels_cpu.c_entry_points(_ENTRY_DTYPES[dtype]).items():
+    for name, address in addresses.items():
         entry = f"{name}_{dtype}"
         if lib.numbabn_set_entry(_SLOTS.index(entry), address) != 0:
             raise RuntimeError(f"the op library rejected entry point {entry}")
-    _state["registered"].add(dtype)
+
+
+def wait_compiled(timeout=None):
+    """Wait until every registered dtype's parallel entry points are handed over (or
+    ``timeout`` seconds); whether they all are. Nothing needs it for correct results."""
+    threads = list(_state.get("compiling", {}).values())
+    for thread in threads:
+        thread.join(timeout)
+    return not any(thread.is_alive() for thread in threads)
 
 
 def _load():
@@ -160,7 +191,7 @@ def _load():
     lib = ctypes.CDLL(str(path))  # the same library: dlopen returns the loaded one
     lib.numbabn_set_serial_below.argtypes = [ctypes.c_int64]
     lib.numbabn_set_serial_below(config.SERIAL_BELOW)
-    _state["lib"], _state["registered"] = lib, set()
+    _state["lib"], _state["registered"], _state["compiling"] = lib, set(), {}
     _register(lib, "float32")  # graphs restored without tracing (SavedModels) run at once
     return ops, None
 

@@ -7,8 +7,9 @@
 // TensorFlow's allocator (reused memory), an output may take over its input's buffer
 // when nothing else reads it, and no Python runs.
 //
-// The entry points' addresses are handed over at load time by keras_layer/_native.py
-// (numbabn_set_entry): each operation in a parallel version and a serial twin (the same
+// The entry points' addresses are handed over by keras_layer/_native (numbabn_set_entry;
+// the serial twins at load, the parallel versions from a background compile, which the
+// serial twins stand in for until then): each operation in a parallel version and a serial twin (the same
 // code compiled without Numba's thread pool), which inputs under
 // numbabn.config.SERIAL_BELOW elements run, as numbabn's Python API does: waking a
 // second thread costs more than it saves there, and the twin never touches the pool.
@@ -236,11 +237,16 @@ template <typename T>
 constexpr Slot BackwardSlot() { return static_cast<Slot>(Slots<T>::kFirst + 2); }
 
 // The entry point of ``slot`` for an input of ``size`` elements: its serial twin below the
-// threshold.
+// threshold, or while the parallel version is not handed over yet.
 template <typename Fn>
 Status Entry(Slot slot, int64_t size, Fn* fn) {
   const int index = size < g_serial_below.load() ? kSerial + slot : slot;
   *fn = reinterpret_cast<Fn>(g_entries[index].load());
+  if (*fn == nullptr && index == slot) {
+    // the parallel version is still compiling (in the background, keras_layer/_native):
+    // its serial twin computes the same bits
+    *fn = reinterpret_cast<Fn>(g_entries[kSerial + slot].load());
+  }
   if (*fn == nullptr) {
     return errors::FailedPrecondition(
         "numbabn's TensorFlow op has no entry points for this dtype yet; load it through "
