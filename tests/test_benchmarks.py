@@ -100,3 +100,12 @@ def test_a_peer_that_fails_its_check_drops_only_its_own_benchmarks():
     assert bench.track_speedup_vs_numpy_train(failed, "small") > 0
     with pytest.raises(RuntimeError, match="simulated"):
         bench.track_speedup_vs_tf_backward(failed, "small")
+
+
+def test_conv_bn_report_checks_every_variant_against_stock():
+    from benchmarks import conv_bn_report
+
+    for use_bias in (False, True):
+        ms = conv_bn_report.measure(conv_bn_report.build((2, 4, 4, 8), use_bias), rounds=1,
+                                    calls=1)
+        assert set(ms) == set(conv_bn_report.VARIANTS) and all(v > 0 for v in ms.values())
