@@ -1,4 +1,4 @@
-"""Half-precision storage (float16, bfloat16) for the CPU kernels: conversions in registers.
+"""Half-precision storage (float16, bfloat16) for the kernels: conversions in registers.
 
 Numba has no float16 or bfloat16 type on the CPU, so the kernels see a half array as a
 view of its 16-bit patterns (`storage_view`): float16 as ``uint16``, bfloat16
@@ -33,11 +33,23 @@ rounding to odd with a float32 -> float64 round trip, 0.86-1.09; bfloat16 throug
 The kernels get these functions inlined, so NumPy-API calls on half arrays move 2-byte
 elements only: no converted copy of the input or the output.
 
+The CUDA kernels use the same element access (`cuda_element_access`). numba-cuda has a
+float16 type, so there float16 is read natively and only bfloat16 is a view of its bits
+(`cuda_storage_view`); `bf16_to_f64` and `f64_to_bf16` are compiled for the GPU from
+their Python source here (one definition for both targets: their bit casts are generic
+intrinsics, and they use nothing numba-cuda lacks: ``math.copysign``, not NumPy's
+ufunc). On the GPU the float64 -> float32 step of a NaN may give the canonical NaN:
+NaN stays NaN, its sign and payload are not promised there. Under the CUDA simulator,
+which runs kernels as Python, `widen` and `narrow` run as Python functions that call
+the CPU's compiled conversions.
+
 Note: Numba's cache tracks the source file of a cached function only. Editing this
 module does not invalidate the kernels compiled from ``_kernels_cpu`` (delete
 ``numbabn/__pycache__/*.nbi`` after an edit).
 """
 
+import functools
+import math
 import platform
 
 import numpy as np
@@ -81,11 +93,20 @@ _VIEW = {"float16": np.dtype(np.uint16), "bfloat16": np.dtype(np.int16)}
 
 
 def storage_view(a):
-    """``a`` as the kernels take it: a float16/bfloat16 array as a view of its bits
+    """``a`` as the CPU kernels take it: a float16/bfloat16 array as a view of its bits
     (uint16/int16), any other array as is. Works on strided arrays (same item size)."""
     if a is None or not is_half(a.dtype):
         return a
     return a.view(_VIEW[a.dtype.name])
+
+
+def cuda_storage_view(a):
+    """``a`` as the CUDA kernels take it: bfloat16 as a view of its bits (int16), any other
+    array as is (numba-cuda has a float16 type: float16 is read natively there). ``a`` is
+    a Numba device array (or the simulator's), whose ``view`` keeps shape and strides."""
+    if a is None or not is_bfloat16(a.dtype):
+        return a
+    return a.view(_VIEW["bfloat16"])
 
 
 # --------------------------------------------------------------- scalar conversions
@@ -212,7 +233,7 @@ def f64_to_bf16(d):
     # below 2**-126 bfloat16's grid is 2**-133 (subnormals): adding 1.5 * 2**-81, whose
     # float64 ulp that is, rounds d onto it once; subtracting it back is exact
     a = abs(d)
-    sub = np.copysign((a + _SUBNORMAL_ROUNDER) - _SUBNORMAL_ROUNDER, d)  # keeps -0.0
+    sub = math.copysign((a + _SUBNORMAL_ROUNDER) - _SUBNORMAL_ROUNDER, d)  # keeps -0.0
     v = sub if a < _2_M126 else v
     v = d if d != d else v  # float32 keeps a NaN's sign and top payload, and quiets it
     return np.int16(np.uint16(_float_bits(np.float32(v)) >> np.uint32(16)))
@@ -226,13 +247,26 @@ _f64_to_half = f64_to_half_hw if HARDWARE else f64_to_half_sw
 # --------------------------------------------------------- the kernels' element access
 
 def widen(v):
-    """A stored element's float64 value (in compiled code; see the module docstring)."""
-    raise NotImplementedError("compiled code only")
+    """A stored element's float64 value (see the module docstring).
+
+    In compiled code an overload per element type: the CPU kernels' (``_widen``), the
+    CUDA kernels' (`cuda_element_access`). Called from Python, as the CUDA simulator runs
+    the kernels, the same compiled conversions on a NumPy scalar."""
+    if isinstance(v, np.int16):
+        return bf16_to_f64(v)
+    if isinstance(v, np.uint16):
+        return _half_to_f64(v)
+    return np.float64(v)
 
 
 def narrow(v, dtype):
-    """float64 ``v`` as an element of ``dtype`` (a storage dtype), rounded once."""
-    raise NotImplementedError("compiled code only")
+    """float64 ``v`` as an element of ``dtype`` (a storage dtype), rounded once; from
+    Python (the CUDA simulator) as a NumPy scalar, as `widen`."""
+    if dtype == np.int16:
+        return np.int16(f64_to_bf16(v))
+    if dtype == np.uint16:
+        return np.uint16(_f64_to_half(v))
+    return dtype.type(v)
 
 
 @overload(widen, inline="always")
@@ -258,3 +292,42 @@ def _narrow(v, dtype):
     if t == types.float64:
         return lambda v, dtype: np.float64(v)
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_element_access():
+    """Make `widen` and `narrow` work in CUDA kernels (numba-cuda types and lowers them
+    with its own registry): bfloat16, as int16 bits (`cuda_storage_view`), through
+    `bf16_to_f64` and `f64_to_bf16` compiled from the same Python source as the CPU's by
+    ``cuda.jit(device=True)`` (their bit casts are generic intrinsics, which numba-cuda
+    lowers too); float16, float32 and float64 read as float64 and stored by the array's
+    own conversion (numba-cuda's float64 -> float16 is one rounding, ``cvt.rn.f16.f64``).
+
+    Imports numba.cuda: called when the CUDA kernels are built, on a real GPU or for
+    PTX, not under the simulator (which runs the kernels as Python: `widen` and `narrow`
+    themselves run there, on the CPU's compiled conversions).
+    """
+    from numba import cuda
+    from numba.cuda.extending import overload as cuda_overload
+
+    to_f64 = cuda.jit(device=True)(bf16_to_f64.py_func)
+    to_bf16 = cuda.jit(device=True)(f64_to_bf16.py_func)
+
+    @cuda_overload(widen, target="cuda", inline="always")
+    def _cuda_widen(v):
+        if v == types.int16:
+            return lambda v: to_f64(v)
+        if isinstance(v, types.Float):
+            return lambda v: np.float64(v)
+        return None
+
+    @cuda_overload(narrow, target="cuda", inline="always")
+    def _cuda_narrow(v, dtype):
+        t = getattr(dtype, "dtype", None)
+        if t == types.int16:
+            return lambda v, dtype: to_bf16(v)
+        if isinstance(t, types.Float):
+            return lambda v, dtype: v  # the store converts (once: v is float64)
+        return None
+
+    return to_f64, to_bf16

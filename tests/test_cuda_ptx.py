@@ -1,4 +1,5 @@
-"""Every CUDA kernel compiles for a real GPU (to PTX), for every dtype and layout used.
+"""Every CUDA kernel compiles for a real GPU (to PTX), for every dtype and layout used
+(bfloat16 as its int16 bits, converted by ``_half``'s functions compiled for the GPU).
 
 The simulator runs the kernels as plain Python, so it cannot catch what only Numba's
 CUDA compiler rejects (typing, unsupported functions: ``np.sqrt`` in a kernel passes
@@ -49,7 +50,7 @@ def _signatures():
             "merge_sums": [(part, part, vec, vec)],
             "norm_coeffs": [(vec, t.float64, vec, t.boolean, vec, t.boolean, vec, vec, vec)],
             "grad_coeffs": [(vec, vec, vec, vec, t.boolean, t.float64, vec, vec, vec, vec)]}
-    for dtype in (t.float16, t.float32, t.float64):
+    for dtype in (t.float16, t.float32, t.float64, t.int16):  # int16: bfloat16's bits
         sigs.setdefault("to_float64", []).append((t.Array(dtype, 1, "A"), vec))
         sigs.setdefault("moving_update", []).append((t.Array(dtype, 1, "A"), vec, t.float64))
         for layout in ("C", "A"):  # contiguous views, and strided ones
