@@ -33,22 +33,24 @@ rounding to odd with a float32 -> float64 round trip, 0.86-1.09; bfloat16 throug
 The kernels get these functions inlined, so NumPy-API calls on half arrays move 2-byte
 elements only: no converted copy of the input or the output.
 
-The CUDA kernels use the same element access (`cuda_element_access`). numba-cuda has a
-float16 type, so there float16 is read natively and only bfloat16 is a view of its bits
-(`cuda_storage_view`); `bf16_to_f64` and `f64_to_bf16` are compiled for the GPU from
-their Python source here (one definition for both targets: their bit casts are generic
-intrinsics, and they use nothing numba-cuda lacks: ``math.copysign``, not NumPy's
-ufunc). On the GPU the float64 -> float32 step of a NaN may give the canonical NaN:
-NaN stays NaN, its sign and payload are not promised there. Under the CUDA simulator,
-which runs kernels as Python, `widen` and `narrow` run as Python functions that call
-the CPU's compiled conversions.
+The CUDA kernels use the same element access, these very definitions: `widen` and
+`narrow`'s overloads are generic (numba-cuda installs generic overloads of other
+packages into its typing), and a CPU ``@njit`` function called from device code is
+compiled by numba-cuda from its Python source as a device function, so `bf16_to_f64`
+and `f64_to_bf16` run on the GPU as written here (their bit casts are generic
+intrinsics too; they use nothing numba-cuda lacks: ``math.copysign``, not NumPy's
+ufunc). tests/test_cuda_ptx.py compiles every kernel so. numba-cuda has a float16 type,
+so on the GPU float16 is read natively and only bfloat16 is a view of its bits
+(`cuda_storage_view`). There the float64 -> float32 step of a NaN may give the
+canonical NaN: NaN stays NaN, its sign and payload are not promised on the GPU. Under
+the CUDA simulator, which runs kernels as Python, `widen` and `narrow` run as Python
+functions that call the CPU's compiled conversions.
 
 Note: Numba's cache tracks the source file of a cached function only. Editing this
 module does not invalidate the kernels compiled from ``_kernels_cpu`` (delete
 ``numbabn/__pycache__/*.nbi`` after an edit).
 """
 
-import functools
 import math
 import platform
 
@@ -249,9 +251,9 @@ _f64_to_half = f64_to_half_hw if HARDWARE else f64_to_half_sw
 def widen(v):
     """A stored element's float64 value (see the module docstring).
 
-    In compiled code an overload per element type: the CPU kernels' (``_widen``), the
-    CUDA kernels' (`cuda_element_access`). Called from Python, as the CUDA simulator runs
-    the kernels, the same compiled conversions on a NumPy scalar."""
+    In compiled code (CPU and CUDA kernels) an overload per element type, ``_widen``.
+    Called from Python, as the CUDA simulator runs the kernels, the same compiled
+    conversions on a NumPy scalar."""
     if isinstance(v, np.int16):
         return bf16_to_f64(v)
     if isinstance(v, np.uint16):
@@ -291,43 +293,6 @@ def _narrow(v, dtype):
         return lambda v, dtype: np.float32(v)
     if t == types.float64:
         return lambda v, dtype: np.float64(v)
+    if t == types.float16:  # CUDA only: the store converts, once (cvt.rn.f16.f64)
+        return lambda v, dtype: v
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def cuda_element_access():
-    """Make `widen` and `narrow` work in CUDA kernels (numba-cuda types and lowers them
-    with its own registry): bfloat16, as int16 bits (`cuda_storage_view`), through
-    `bf16_to_f64` and `f64_to_bf16` compiled from the same Python source as the CPU's by
-    ``cuda.jit(device=True)`` (their bit casts are generic intrinsics, which numba-cuda
-    lowers too); float16, float32 and float64 read as float64 and stored by the array's
-    own conversion (numba-cuda's float64 -> float16 is one rounding, ``cvt.rn.f16.f64``).
-
-    Imports numba.cuda: called when the CUDA kernels are built, on a real GPU or for
-    PTX, not under the simulator (which runs the kernels as Python: `widen` and `narrow`
-    themselves run there, on the CPU's compiled conversions).
-    """
-    from numba import cuda
-    from numba.cuda.extending import overload as cuda_overload
-
-    to_f64 = cuda.jit(device=True)(bf16_to_f64.py_func)
-    to_bf16 = cuda.jit(device=True)(f64_to_bf16.py_func)
-
-    @cuda_overload(widen, target="cuda", inline="always")
-    def _cuda_widen(v):
-        if v == types.int16:
-            return lambda v: to_f64(v)
-        if isinstance(v, types.Float):
-            return lambda v: np.float64(v)
-        return None
-
-    @cuda_overload(narrow, target="cuda", inline="always")
-    def _cuda_narrow(v, dtype):
-        t = getattr(dtype, "dtype", None)
-        if t == types.int16:
-            return lambda v, dtype: to_bf16(v)
-        if isinstance(t, types.Float):
-            return lambda v, dtype: v  # the store converts (once: v is float64)
-        return None
-
-    return to_f64, to_bf16

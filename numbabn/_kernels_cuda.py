@@ -31,15 +31,16 @@ as M2 (every delta is exactly 0), and each merge adds non-negative terms only.
 
 All arithmetic is float64 whatever the storage dtype: the kernels are memory-bound, and
 every full-size output is its float64 result rounded once. Elements are read with
-``widen(x[i])`` and written with ``y[i] = narrow(v, y.dtype)``, ``_half``'s element
-access (`_half.cuda_element_access` makes it work here): float16, float32 and float64
-are read natively and stored by the array's own conversion; bfloat16 arrives as its
-int16 bits (Numba has no bfloat16 array type; ``_half.cuda_storage_view``) and is
-converted in registers by the CPU kernels' own functions, compiled for the GPU: exact
-widening, and rounding to nearest even on the float64 bits (a float32 step would round
-twice), overflow to inf, NaN kept NaN. Accumulators start as ``float64(0.0)``: a bare
-``0.0`` would type as float64 when compiled, but under the simulator (plain Python with
-NumPy 2 scalars) it would become float32 after adding a float32 element.
+``widen(x[i])`` and written with ``y[i] = narrow(v, y.dtype)``, the CPU kernels' own
+element access (``_half``: generic overloads, which numba-cuda compiles too): float16,
+float32 and float64 are read natively and stored by the array's own conversion;
+bfloat16 arrives as its int16 bits (Numba has no bfloat16 array type;
+``_half.cuda_storage_view``) and is converted in registers by the CPU's conversion
+functions, compiled for the GPU from the same source: exact widening, and rounding to
+nearest even on the float64 bits (a float32 step would round twice), overflow to inf,
+NaN kept NaN. Accumulators start as ``float64(0.0)``: a bare ``0.0`` would type as
+float64 when compiled, but under the simulator (plain Python with NumPy 2 scalars) it
+would become float32 after adding a float32 element.
 
 Shared-memory sizes must be compile-time constants, so the kernels are built per
 threads-per-block by `kernels`, cached. Building them there also keeps this module
@@ -55,8 +56,7 @@ from types import SimpleNamespace
 
 import numba
 
-from . import _device
-from ._half import cuda_element_access, narrow, widen
+from ._half import narrow, widen
 
 #: numba.cuda once `kernels` has run (see the module docstring).
 cuda = None
@@ -69,8 +69,6 @@ def kernels(threads):
     global cuda
     from numba import cuda
 
-    if not _device.simulated():  # the simulator runs widen and narrow as Python
-        cuda_element_access()
     T = threads
 
     @cuda.jit(device=True)
