@@ -66,6 +66,8 @@ def _signatures():
 
 
 def test_every_kernel_compiles_to_ptx(compile_ptx):
+    from numba.cuda import types
+
     from numbabn import _kernels_cuda, config
 
     kernels = _kernels_cuda.kernels(config.CUDA_THREADS_PER_BLOCK)
@@ -76,3 +78,7 @@ def test_every_kernel_compiles_to_ptx(compile_ptx):
         for sig in signatures:
             ptx = compile_ptx(getattr(kernels, name).py_func, sig)
             assert ".local" not in ptx, f"{name} spills to local memory"
+            if any(getattr(a, "dtype", None) == types.int16 for a in sig):
+                # bfloat16 bits: shifted into float32's top half and reinterpreted
+                # (mov.b32), never converted as integers (cvt.*.s16)
+                assert ".s16" not in ptx and "mov.b32" in ptx, f"{name}: int16 as integers"
