@@ -1,9 +1,11 @@
 """CUDA backend: the CPU backend's contract (``_cpu``) on GPU arrays.
 
-Inputs arrive validated (``_validation``) as Numba device arrays, in any float dtype
-(float16 is read natively: no converted copy). Per-channel vectors may be host arrays
-(float64, from validation: copied to the GPU here, C values each) or GPU arrays of any
-float dtype (converted to float64 on the GPU when they are not float64). Every result is
+Inputs arrive validated (``_validation``) as Numba device arrays, in any float dtype:
+float16, float32, float64, and bfloat16 (``ml_dtypes.bfloat16``, as on the CPU), which
+`kernel_array` hands to the kernels as a view of its bits (int16). Half formats are read
+and written by the kernels themselves: no converted copy. Per-channel vectors may be
+host arrays (float64, from validation: copied to the GPU here, C values each) or GPU
+arrays of any float dtype (converted to float64 on the GPU when they are not float64). Every result is
 a GPU array: full-size ones laid out like ``x`` (or the caller's ``out``), per-channel
 ones float64 of shape (C,). Nothing is copied back to the host, and nothing waits for
 the GPU: the kernels run in order on Numba's default stream, or on the stream a caller
@@ -20,11 +22,14 @@ import numpy as np
 
 from . import _device, config
 from . import _kernels_cuda as k
+from ._half import cuda_storage_view
 from ._layout import blocks, layout_of
 
+
 def kernel_array(a):
-    """Arrays go to the CUDA kernels as they are (float16 is read natively)."""
-    return a
+    """``a`` as the kernels take it (batchnorm.py's hook): bfloat16 as a view of its bits
+    (int16; no copy), float16, float32 and float64 as they are."""
+    return cuda_storage_view(a)
 
 
 class LaunchPlan(NamedTuple):
@@ -181,7 +186,7 @@ def _vec64(v):
     if v.dtype == np.float64:
         return v
     out = _device.empty(v.shape, np.float64)
-    _per_channel("to_float64", v.shape[0])(v, out)
+    _per_channel("to_float64", v.shape[0])(kernel_array(v), out)
     return out
 
 
@@ -277,7 +282,8 @@ def grad_coeffs(sum_dy, sum_dy_xmu, invstd, gamma, n):
 
 def update_moving(moving, batch, momentum):
     """``moving = moving * momentum + batch * (1 - momentum)`` in place, float64 inside."""
-    _per_channel("moving_update", moving.shape[0])(moving, _vec64(batch), momentum)
+    _per_channel("moving_update", moving.shape[0])(kernel_array(moving), _vec64(batch),
+                                                   momentum)
 
 
 # ------------------------------------------------ operations (as the CPU backend's)

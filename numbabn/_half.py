@@ -1,4 +1,4 @@
-"""Half-precision storage (float16, bfloat16) for the CPU kernels: conversions in registers.
+"""Half-precision storage (float16, bfloat16) for the kernels: conversions in registers.
 
 Numba has no float16 or bfloat16 type on the CPU, so the kernels see a half array as a
 view of its 16-bit patterns (`storage_view`): float16 as ``uint16``, bfloat16
@@ -33,11 +33,25 @@ rounding to odd with a float32 -> float64 round trip, 0.86-1.09; bfloat16 throug
 The kernels get these functions inlined, so NumPy-API calls on half arrays move 2-byte
 elements only: no converted copy of the input or the output.
 
+The CUDA kernels use the same element access, these very definitions: `widen` and
+`narrow`'s overloads are generic (numba-cuda installs generic overloads of other
+packages into its typing), and a CPU ``@njit`` function called from device code is
+compiled by numba-cuda from its Python source as a device function, so `bf16_to_f64`
+and `f64_to_bf16` run on the GPU as written here (their bit casts are generic
+intrinsics too; they use nothing numba-cuda lacks: ``math.copysign``, not NumPy's
+ufunc). tests/test_cuda_ptx.py compiles every kernel so. numba-cuda has a float16 type,
+so on the GPU float16 is read natively and only bfloat16 is a view of its bits
+(`cuda_storage_view`). There the float64 -> float32 step of a NaN may give the
+canonical NaN: NaN stays NaN, its sign and payload are not promised on the GPU. Under
+the CUDA simulator, which runs kernels as Python, `widen` and `narrow` run as Python
+functions that call the CPU's compiled conversions.
+
 Note: Numba's cache tracks the source file of a cached function only. Editing this
 module does not invalidate the kernels compiled from ``_kernels_cpu`` (delete
 ``numbabn/__pycache__/*.nbi`` after an edit).
 """
 
+import math
 import platform
 
 import numpy as np
@@ -81,11 +95,20 @@ _VIEW = {"float16": np.dtype(np.uint16), "bfloat16": np.dtype(np.int16)}
 
 
 def storage_view(a):
-    """``a`` as the kernels take it: a float16/bfloat16 array as a view of its bits
+    """``a`` as the CPU kernels take it: a float16/bfloat16 array as a view of its bits
     (uint16/int16), any other array as is. Works on strided arrays (same item size)."""
     if a is None or not is_half(a.dtype):
         return a
     return a.view(_VIEW[a.dtype.name])
+
+
+def cuda_storage_view(a):
+    """``a`` as the CUDA kernels take it: bfloat16 as a view of its bits (int16), any other
+    array as is (numba-cuda has a float16 type: float16 is read natively there). ``a`` is
+    a Numba device array (or the simulator's), whose ``view`` keeps shape and strides."""
+    if a is None or not is_bfloat16(a.dtype):
+        return a
+    return a.view(_VIEW["bfloat16"])
 
 
 # --------------------------------------------------------------- scalar conversions
@@ -212,7 +235,7 @@ def f64_to_bf16(d):
     # below 2**-126 bfloat16's grid is 2**-133 (subnormals): adding 1.5 * 2**-81, whose
     # float64 ulp that is, rounds d onto it once; subtracting it back is exact
     a = abs(d)
-    sub = np.copysign((a + _SUBNORMAL_ROUNDER) - _SUBNORMAL_ROUNDER, d)  # keeps -0.0
+    sub = math.copysign((a + _SUBNORMAL_ROUNDER) - _SUBNORMAL_ROUNDER, d)  # keeps -0.0
     v = sub if a < _2_M126 else v
     v = d if d != d else v  # float32 keeps a NaN's sign and top payload, and quiets it
     return np.int16(np.uint16(_float_bits(np.float32(v)) >> np.uint32(16)))
@@ -226,13 +249,26 @@ _f64_to_half = f64_to_half_hw if HARDWARE else f64_to_half_sw
 # --------------------------------------------------------- the kernels' element access
 
 def widen(v):
-    """A stored element's float64 value (in compiled code; see the module docstring)."""
-    raise NotImplementedError("compiled code only")
+    """A stored element's float64 value (see the module docstring).
+
+    In compiled code (CPU and CUDA kernels) an overload per element type, ``_widen``.
+    Called from Python, as the CUDA simulator runs the kernels, the same compiled
+    conversions on a NumPy scalar."""
+    if isinstance(v, np.int16):
+        return bf16_to_f64(v)
+    if isinstance(v, np.uint16):
+        return _half_to_f64(v)
+    return np.float64(v)
 
 
 def narrow(v, dtype):
-    """float64 ``v`` as an element of ``dtype`` (a storage dtype), rounded once."""
-    raise NotImplementedError("compiled code only")
+    """float64 ``v`` as an element of ``dtype`` (a storage dtype), rounded once; from
+    Python (the CUDA simulator) as a NumPy scalar, as `widen`."""
+    if dtype == np.int16:
+        return np.int16(f64_to_bf16(v))
+    if dtype == np.uint16:
+        return np.uint16(_f64_to_half(v))
+    return dtype.type(v)
 
 
 @overload(widen, inline="always")
@@ -257,4 +293,6 @@ def _narrow(v, dtype):
         return lambda v, dtype: np.float32(v)
     if t == types.float64:
         return lambda v, dtype: np.float64(v)
+    if t == types.float16:  # CUDA only: the store converts, once (cvt.rn.f16.f64)
+        return lambda v, dtype: v
     return None

@@ -29,9 +29,16 @@ thread's first element serves as its running mean from the start, so the result 
 not depend on the data's offset, a constant channel keeps its exact value as mean and 0
 as M2 (every delta is exactly 0), and each merge adds non-negative terms only.
 
-All arithmetic is float64 whatever the storage dtype (float16, float32, float64 are
-read natively): the kernels are memory-bound, and float32 outputs are then roundings of
-float64 results. Accumulators start as ``float64(0.0)``: a bare ``0.0`` would type as
+All arithmetic is float64 whatever the storage dtype: the kernels are memory-bound, and
+every full-size output is its float64 result rounded once. Elements are read with
+``widen(x[i])`` and written with ``y[i] = narrow(v, y.dtype)``, the CPU kernels' own
+element access (``_half``: generic overloads, which numba-cuda compiles too): float16,
+float32 and float64 are read natively and stored by the array's own conversion;
+bfloat16 arrives as its int16 bits (Numba has no bfloat16 array type;
+``_half.cuda_storage_view``) and is converted in registers by the CPU's conversion
+functions, compiled for the GPU from the same source: exact widening, and rounding to
+nearest even on the float64 bits (a float32 step would round twice), overflow to inf,
+NaN kept NaN. Accumulators start as ``float64(0.0)``: a bare ``0.0`` would type as
 float64 when compiled, but under the simulator (plain Python with NumPy 2 scalars) it
 would become float32 after adding a float32 element.
 
@@ -48,6 +55,8 @@ import math
 from types import SimpleNamespace
 
 import numba
+
+from ._half import narrow, widen
 
 #: numba.cuda once `kernels` has run (see the module docstring).
 cuda = None
@@ -136,7 +145,7 @@ def kernels(threads):
         m2 = numba.float64(0.0)
         if c < C:
             for r in range(j * rows_per_block + ty, r1, cuda.blockDim.y):
-                n, mean, m2 = _welford(n, mean, m2, numba.float64(x[r, c]))
+                n, mean, m2 = _welford(n, mean, m2, widen(x[r, c]))
         t = ty * width + tx
         sn[t] = n
         sm[t] = mean
@@ -166,7 +175,7 @@ def kernels(threads):
         mean = numba.float64(0.0)
         m2 = numba.float64(0.0)
         while k < k1:
-            n, mean, m2 = _welford(n, mean, m2, numba.float64(x[o, c, i]))
+            n, mean, m2 = _welford(n, mean, m2, widen(x[o, c, i]))
             k += T
             o, i = _plane_next(o, i, T, I)
         sn[t] = n
@@ -223,9 +232,9 @@ def kernels(threads):
         if c < C:
             m = mean[c]
             for r in range(j * rows_per_block + ty, r1, cuda.blockDim.y):
-                g = numba.float64(dy[r, c])
+                g = widen(dy[r, c])
                 a += g
-                b += g * (numba.float64(x[r, c]) - m)
+                b += g * (widen(x[r, c]) - m)
         t = ty * width + tx
         sa[t] = a
         sb[t] = b
@@ -252,9 +261,9 @@ def kernels(threads):
         a = numba.float64(0.0)
         b = numba.float64(0.0)
         while k < k1:
-            g = numba.float64(dy[o, c, i])
+            g = widen(dy[o, c, i])
             a += g
-            b += g * (numba.float64(x[o, c, i]) - m)
+            b += g * (widen(x[o, c, i]) - m)
             k += T
             o, i = _plane_next(o, i, T, I)
         sa[t] = a
@@ -303,7 +312,7 @@ def kernels(threads):
             b = offset[c]
             for r in range(j * rows_per_block + cuda.threadIdx.y,
                            min(R, (j + 1) * rows_per_block), cuda.blockDim.y):
-                y[r, c] = (numba.float64(x[r, c]) - m) * s + b
+                y[r, c] = narrow((widen(x[r, c]) - m) * s + b, y.dtype)
 
     @cuda.jit
     def affine_planes(x, chunk, center, scale, offset, y):
@@ -319,7 +328,7 @@ def kernels(threads):
         s = scale[c]
         b = offset[c]
         while k < k1:
-            y[o, c, i] = (numba.float64(x[o, c, i]) - m) * s + b
+            y[o, c, i] = narrow((widen(x[o, c, i]) - m) * s + b, y.dtype)
             k += step
             o, i = _plane_next(o, i, step, I)
 
@@ -336,7 +345,8 @@ def kernels(threads):
             b = k_x[c]
             for r in range(j * rows_per_block + cuda.threadIdx.y,
                            min(R, (j + 1) * rows_per_block), cuda.blockDim.y):
-                dx[r, c] = a * (numba.float64(dy[r, c]) - md) - b * (numba.float64(x[r, c]) - m)
+                dx[r, c] = narrow(a * (widen(dy[r, c]) - md) - b * (widen(x[r, c]) - m),
+                                  dx.dtype)
 
     @cuda.jit
     def grad_input_planes(dy, x, chunk, mean, k_dy, mean_dy, k_x, dx):
@@ -353,8 +363,8 @@ def kernels(threads):
         md = mean_dy[c]
         b = k_x[c]
         while k < k1:
-            dx[o, c, i] = (a * (numba.float64(dy[o, c, i]) - md)
-                           - b * (numba.float64(x[o, c, i]) - m))
+            dx[o, c, i] = narrow(a * (widen(dy[o, c, i]) - md) - b * (widen(x[o, c, i]) - m),
+                                 dx.dtype)
             k += step
             o, i = _plane_next(o, i, step, I)
 
@@ -393,15 +403,15 @@ def kernels(threads):
     def to_float64(v, out):
         c = cuda.grid(1)
         if c < out.shape[0]:
-            out[c] = numba.float64(v[c])
+            out[c] = widen(v[c])
 
     @cuda.jit
     def moving_update(moving, batch, momentum):
         """``moving = moving * momentum + batch * (1 - momentum)`` in float64, in place."""
         c = cuda.grid(1)
         if c < moving.shape[0]:
-            moving[c] = (numba.float64(moving[c]) * momentum
-                         + numba.float64(batch[c]) * (1.0 - momentum))
+            moving[c] = narrow(widen(moving[c]) * momentum + widen(batch[c]) * (1.0 - momentum),
+                               moving.dtype)
 
     return SimpleNamespace(**{name: fn for name, fn in locals().items()
                               if not name.startswith("_") and hasattr(fn, "py_func")})

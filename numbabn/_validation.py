@@ -42,10 +42,7 @@ def float_array(a, name):
         raise TypeError(f"{name} must be an array, not None")
     if _device.is_device_array(a):
         arr = _device.as_device_array(a)
-        if is_bfloat16(arr.dtype):
-            raise TypeError(f"{name} is a bfloat16 GPU array; the CUDA kernels take "
-                            "float16, float32 or float64 (no bfloat16 yet)")
-        if arr.dtype not in FLOAT_DTYPES:
+        if not is_float_dtype(arr.dtype):
             raise _dtype_error(name, arr.dtype)
         return arr
     arr = np.asarray(a)

@@ -63,8 +63,9 @@ class BatchStats(NamedTuple):
 
 
 def _kernel_dtype(a, backend):
-    """``a`` as the backend's kernels take it: on the CPU, float16 and bfloat16 as views
-    of their bits (no copy; the kernels convert in registers, see `_half`)."""
+    """``a`` as the backend's kernels take it: float16 and bfloat16 on the CPU, bfloat16
+    on the GPU, as views of their bits (no copy; the kernels convert in registers, see
+    `_half`)."""
     return backend.kernel_array(a)
 
 
@@ -97,9 +98,11 @@ def batch_norm_train(x, gamma=None, beta=None, axis=-1, eps=1e-3, *, out=None):
         (N, C, H, W) with ``axis=1`` for conv feature maps; any rank and memory order.
         A GPU array (anything with ``__cuda_array_interface__``: Numba, CuPy, PyTorch)
         runs the CUDA kernels, and ``out`` must then be a GPU array too. bfloat16 is
-        ``ml_dtypes.bfloat16`` (TensorFlow's and JAX's NumPy dtype; host arrays only).
-        Half inputs (float16, bfloat16) are read and written in their own format and
-        computed in float64: each output is the float64 result rounded once.
+        ``ml_dtypes.bfloat16`` (TensorFlow's and JAX's NumPy dtype): a NumPy array, or a
+        Numba device array of that dtype (``cuda.to_device``, or ``.view`` of an int16
+        one: the CUDA array interface cannot name bfloat16). Half inputs (float16,
+        bfloat16) are read and written in their own format and computed in float64 on
+        the CPU and the GPU alike: each output is the float64 result rounded once.
     gamma, beta : ndarray of shape (C,) or None
         Scale and offset. ``None`` means no scale (1) or no offset (0), like Keras's
         ``scale=False`` / ``center=False``.

@@ -1,4 +1,5 @@
-"""Every CUDA kernel compiles for a real GPU (to PTX), for every dtype and layout used.
+"""Every CUDA kernel compiles for a real GPU (to PTX), for every dtype and layout used
+(bfloat16 as its int16 bits, converted by ``_half``'s functions compiled for the GPU).
 
 The simulator runs the kernels as plain Python, so it cannot catch what only Numba's
 CUDA compiler rejects (typing, unsupported functions: ``np.sqrt`` in a kernel passes
@@ -49,7 +50,7 @@ def _signatures():
             "merge_sums": [(part, part, vec, vec)],
             "norm_coeffs": [(vec, t.float64, vec, t.boolean, vec, t.boolean, vec, vec, vec)],
             "grad_coeffs": [(vec, vec, vec, vec, t.boolean, t.float64, vec, vec, vec, vec)]}
-    for dtype in (t.float16, t.float32, t.float64):
+    for dtype in (t.float16, t.float32, t.float64, t.int16):  # int16: bfloat16's bits
         sigs.setdefault("to_float64", []).append((t.Array(dtype, 1, "A"), vec))
         sigs.setdefault("moving_update", []).append((t.Array(dtype, 1, "A"), vec, t.float64))
         for layout in ("C", "A"):  # contiguous views, and strided ones
@@ -65,6 +66,8 @@ def _signatures():
 
 
 def test_every_kernel_compiles_to_ptx(compile_ptx):
+    from numba.cuda import types
+
     from numbabn import _kernels_cuda, config
 
     kernels = _kernels_cuda.kernels(config.CUDA_THREADS_PER_BLOCK)
@@ -75,3 +78,7 @@ def test_every_kernel_compiles_to_ptx(compile_ptx):
         for sig in signatures:
             ptx = compile_ptx(getattr(kernels, name).py_func, sig)
             assert ".local" not in ptx, f"{name} spills to local memory"
+            if any(getattr(a, "dtype", None) == types.int16 for a in sig):
+                # bfloat16 bits: shifted into float32's top half and reinterpreted
+                # (mov.b32), never converted as integers (cvt.*.s16)
+                assert ".s16" not in ptx and "mov.b32" in ptx, f"{name}: int16 as integers"

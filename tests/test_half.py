@@ -11,9 +11,10 @@ same IEEE operations in the same order from the statistics the kernel returned
 (``exact_*``). The statistics themselves are checked against the float64 reference of
 the half inputs (``reference.py``).
 
-The rounding is checked against `round_to`, an exact rounding written with ``frexp`` and
-``rint`` (no conversion routine involved), and the conversions against NumPy's float16
-casts and ml_dtypes' bfloat16 casts.
+The rounding is checked against `round_to` (tests/halves.py, with the ``exact_*``
+recomputations), an exact rounding written with ``frexp`` and ``rint`` (no conversion
+routine involved), and the conversions against NumPy's float16 casts and ml_dtypes'
+bfloat16 casts.
 """
 
 import numpy as np
@@ -25,41 +26,9 @@ from numbabn import _half
 import reference as ref
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
-BF16 = np.dtype(ml_dtypes.bfloat16)
-F16 = np.dtype(np.float16)
-HALVES = [F16, BF16]
-EPS = 1e-3
 
-#: format -> (significand bits, smallest normal exponent, largest finite value)
-FORMATS = {"float16": (11, -14, 65504.0), "bfloat16": (8, -126, float(ml_dtypes.finfo(BF16).max))}
-
-
-def round_to(v, dtype):
-    """float64 ``v`` rounded to nearest even in ``dtype``, exactly, as ``dtype`` bits."""
-    p, emin, vmax = FORMATS[np.dtype(dtype).name]
-    v = np.asarray(v, np.float64)
-    finite = np.isfinite(v)
-    _, e = np.frexp(np.where(finite, v, 1.0))
-    ulp = np.ldexp(1.0, np.maximum(e - 1, emin) - (p - 1))
-    with np.errstate(over="ignore"):  # beyond float64's range: inf, as it should be
-        r = np.rint(np.where(finite, v, 0.0) / ulp) * ulp  # scaling by 2**k is exact
-    r = np.where(np.abs(r) > vmax, np.copysign(np.inf, v), r)
-    r = np.where(finite, r, v)
-    with np.errstate(invalid="ignore"):
-        return r.astype(dtype)  # exact: r is representable
-
-
-def bits(a):
-    return np.ascontiguousarray(a).view(np.uint16)
-
-
-def assert_rounded(got, want64, what=""):
-    """``got`` (half) is ``want64`` rounded once, bit for bit (any NaN for a NaN)."""
-    want = round_to(want64, got.dtype)
-    nan = np.isnan(np.asarray(want64, np.float64))
-    np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan, err_msg=what)
-    np.testing.assert_array_equal(bits(got)[~nan], bits(want)[~nan], err_msg=what)
-
+from halves import (BF16, EPS, F16, FORMATS, HALVES, assert_rounded, bits,  # noqa: E402
+                    every_pattern, exact_backward, exact_inference, exact_train, round_to)
 
 # ------------------------------------------------------------------ the conversions
 
@@ -89,10 +58,6 @@ def narrow(v, dtype, hardware=_half.HARDWARE):
 
 PATHS = [(F16, False), (BF16, False)] + ([(F16, True)] if _half.HARDWARE else [])
 PATH_IDS = [f"{d.name}-{'hw' if hw else 'portable'}" for d, hw in PATHS]
-
-
-def every_pattern(dtype):
-    return np.arange(1 << 16, dtype=np.uint16).view(dtype)
 
 
 @pytest.mark.parametrize("dtype, hardware", PATHS, ids=PATH_IDS)
@@ -161,34 +126,26 @@ def test_nan_payloads_stay_nan_and_quiet(dtype, hardware):
     np.testing.assert_array_equal(bits(back) & 0x8000, nan_bits & 0x8000)  # sign kept
 
 
+@pytest.mark.parametrize("dtype", HALVES, ids=lambda d: d.name)
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast")
+def test_element_access_from_python_is_the_compiled_conversion(dtype):
+    """`_half.widen` and `_half.narrow` called from Python (as the CUDA simulator runs the
+    kernels) on NumPy scalars of the storage views: the compiled conversions' results."""
+    view = _half._VIEW[dtype.name]
+    pattern = every_pattern(dtype).view(view)[::7]
+    got = np.array([_half.widen(b) for b in pattern])
+    want = widen(pattern.view(np.uint16), dtype)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+    v = _narrowing_inputs(dtype)[::97]
+    v = v[~np.isnan(v)]
+    got = np.array([_half.narrow(d, view) for d in v], view)
+    np.testing.assert_array_equal(got.view(np.uint16), bits(narrow(v, dtype)))
+    assert _half.narrow(np.float64(0.1), np.dtype(np.float32)) == np.float32(0.1)
+
+
 # --------------------------------------------------------------------- the kernels
-
-def _bcast(v, ndim, axis):
-    shape = [1] * ndim
-    shape[axis] = -1
-    return np.asarray(v, np.float64).reshape(shape)
-
-
-def exact_train(x, gamma, beta, axis, stats):
-    b = lambda v: _bcast(v, x.ndim, axis)  # noqa: E731
-    scale = stats.invstd * gamma
-    return (x.astype(np.float64) - b(stats.mean)) * b(scale) + b(beta)
-
-
-def exact_inference(x, gamma, beta, mm, mv, axis):
-    b = lambda v: _bcast(v, x.ndim, axis)  # noqa: E731
-    scale = (1.0 / np.sqrt(mv + EPS)) * gamma
-    return (x.astype(np.float64) - b(mm)) * b(scale) + b(beta)
-
-
-def exact_backward(dy, x, gamma, axis, stats, dgamma, dbeta):
-    b = lambda v: _bcast(v, x.ndim, axis)  # noqa: E731
-    n = x.size // x.shape[axis]
-    k_dy = stats.invstd * gamma
-    k_x = k_dy * stats.invstd * dgamma / n
-    return (b(k_dy) * (dy.astype(np.float64) - b(dbeta / n))
-            - b(k_x) * (x.astype(np.float64) - b(stats.mean)))
-
 
 LAYOUTS = [
     ((64, 8), -1), ((7, 3), 0), ((5, 6, 7, 3), -1), ((5, 3, 6, 7), 1), ((2, 3, 129, 4), 2),

@@ -6,6 +6,7 @@ Skipped without a CUDA device (and without numba-cuda). On a GPU machine:
 
 import importlib.util
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -71,20 +72,79 @@ def test_cuda_runs_on_torchs_current_stream():
     tc.assert_close(y2, oracle(src.double()), torch.float32, "side stream")
 
 
-def test_cuda_copies_nothing(monkeypatch):
-    """No full-size copy: inputs are viewed in place, outputs written into torch's tensor."""
-    copies = []
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cuda_copies_nothing(monkeypatch, dtype):
+    """No full-size copy: inputs are viewed in place, outputs written into torch's tensor
+    (bfloat16 too: the kernels get its bits, int16, not a float32 copy)."""
+    from numbabn import _cuda
+
+    copies, kernel_dtypes = [], set()
     real = _device.copy_into
     monkeypatch.setattr(_device, "copy_into", lambda dst, src: (copies.append(dst.shape),
                                                                  real(dst, src)))
+    real_prepare = _cuda._prepare
+    monkeypatch.setattr(_cuda, "_prepare", lambda x, axis: (kernel_dtypes.add(str(x.dtype)),
+                                                            real_prepare(x, axis))[1])
     m = nbt.BatchNorm2d(8).cuda()
-    x = torch.randn(4, 8, 6, 6, device="cuda").to(memory_format=torch.channels_last)
-    x.requires_grad_(True)
+    x = torch.randn(4, 8, 6, 6, device="cuda", dtype=dtype)
+    x = x.to(memory_format=torch.channels_last).requires_grad_(True)
     for training in (True, False):
         y = m.train(training)(x)
         y.backward(torch.ones_like(y))
-        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
     assert copies == []
+    assert kernel_dtypes == {"int16" if dtype == torch.bfloat16 else "float32"}
+
+
+def _bf16_bits_of(v):
+    """float64 tensor -> bfloat16 bits (int16, as a NumPy array), rounded once."""
+    from halves import BF16, round_to
+
+    return round_to(v.detach().cpu().numpy(), BF16).view(np.int16)
+
+
+@pytest.mark.parametrize("layout", CUDA_LAYOUTS, ids=[c[0] for c in CUDA_LAYOUTS])
+def test_cuda_bfloat16_outputs_are_the_float64_results_rounded_once(layout):
+    """bfloat16 CUDA tensors run the CUDA kernels on their bits: each output is the
+    float64 result, recomputed here from the kernels' own statistics, rounded once to
+    nearest even (ties, overflow and NaN included: tests/cuda/test_cuda_bfloat16.py)."""
+    pytest.importorskip("ml_dtypes")
+    from numbabn.torch import _bridge
+
+    _, shape, _, memory_format = layout
+    c = shape[1]
+    x = tc.make_x(shape, memory_format, torch.bfloat16, seed=5).cuda()
+    dy = tc.make_x(shape, memory_format, torch.bfloat16, seed=6, loc=0.0, scale=1.0).cuda()
+    g = torch.Generator().manual_seed(7)
+    weight = torch.empty(c, dtype=torch.float64).uniform_(0.5, 2.0, generator=g).cuda()
+    bias = torch.randn(c, generator=g, dtype=torch.float64).cuda()
+    eps = 1e-5
+    view = (1, c) + (1,) * (len(shape) - 2)
+    b = bias.view(view)
+    x64, dy64 = x.double(), dy.double()
+
+    y, mean, var, invstd = _bridge.train(x, weight, bias, eps)
+    assert y.dtype == torch.bfloat16 and y.stride() == x.stride()
+    dims = [d for d in range(len(shape)) if d != 1]
+    torch.testing.assert_close(mean, x64.mean(dims), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, x64.var(dims, correction=0), rtol=1e-10, atol=1e-12)
+    want = (x64 - mean.view(view)) * (invstd * weight).view(view) + b
+    np.testing.assert_array_equal(y.view(torch.int16).cpu().numpy(), _bf16_bits_of(want))
+
+    rm, rv = 0.1 * bias, 0.5 + weight
+    yi = _bridge.inference(x, weight, bias, rm, rv, eps)
+    want = (x64 - rm.view(view)) * ((1.0 / torch.sqrt(rv + eps)) * weight).view(view) + b
+    np.testing.assert_array_equal(yi.view(torch.int16).cpu().numpy(), _bf16_bits_of(want))
+
+    dx, dweight, dbias = _bridge.backward(dy, x, weight, mean, invstd, True)
+    assert dx.dtype == torch.bfloat16 and dx.stride() == x.stride()
+    n = x.numel() // c
+    torch.testing.assert_close(dbias, dy64.sum(dims), rtol=1e-9, atol=1e-9)
+    k_dy = invstd * weight
+    k_x = k_dy * invstd * dweight / n
+    want = (k_dy.view(view) * (dy64 - (dbias / n).view(view))
+            - k_x.view(view) * (x64 - mean.view(view)))
+    np.testing.assert_array_equal(dx.view(torch.int16).cpu().numpy(), _bf16_bits_of(want))
 
 
 def test_cuda_compile_fullgraph():

@@ -163,3 +163,39 @@ def test_convert_sync_batchnorm_keeps_the_tensors():
     assert type(model[1]) is type(model[3]) is nbt.SyncBatchNorm
     assert model[1].weight is weight and model[3].running_var is running_var
     assert not model[1].training
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_synchronized_path_takes_half_shares(tmp_path, dtype):
+    """The synchronized forward and backward on a half share (here through a group of one
+    rank, which the module itself would not synchronize): bfloat16 reaches the stages as
+    an ml_dtypes view, as in the plain module, and both match torch's float64 batch norm
+    within their rounding."""
+    import torch
+    import torch.distributed as dist
+
+    import torch_cases as tc
+    from numbabn.torch import _bridge, _sync
+
+    dtype = getattr(torch, dtype)
+    if dtype == torch.bfloat16 and _bridge._BFLOAT16 is None:
+        pytest.skip("ml_dtypes is not installed (bfloat16 goes through float32 then)")
+    x = tc.make_x((6, 3, 4, 5), torch.channels_last, dtype, seed=2).requires_grad_(True)
+    dy = tc.make_x((6, 3, 4, 5), torch.contiguous_format, dtype, seed=3, loc=0.0, scale=1.0)
+    weight = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        y, mean, var, _ = _sync._SyncBatchNormFunction.apply(x, weight, bias, 1e-5, None, 1)
+        y.backward(dy)
+    finally:
+        dist.destroy_process_group()
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = torch.nn.functional.batch_norm(x64, None, None, weight, bias, training=True,
+                                         eps=1e-5)
+    y64.backward(dy.double())
+    assert y.dtype == dtype and x.grad.dtype == dtype
+    tc.assert_close(y, y64, dtype, "y")
+    tc.assert_close(x.grad, x64.grad, dtype, "dx")
+    tc.assert_close(mean, x64.detach().mean((0, 2, 3)), torch.float64, "mean")

@@ -22,9 +22,11 @@ CPU tensors run numbabn's CPU kernels on NumPy views of the tensors' storage: ev
 memory format (contiguous, ``torch.channels_last``, ``torch.channels_last_3d``) is read
 in place, and the output, allocated by PyTorch, has the input's memory format. CUDA
 tensors run numbabn's CUDA kernels (``numbabn[cuda]``) on PyTorch's current stream,
-without copies or host synchronization. float32, float64 and float16 are computed
-natively (float16 through float32 on the CPU, as in numbabn); bfloat16 through a
-float32 copy. Statistics and gradient sums are always accumulated in float64.
+without copies or host synchronization. float32, float64, float16 and bfloat16 are read
+and written by the kernels themselves on both devices (float64 arithmetic, one rounding
+per output; bfloat16 as an ``ml_dtypes.bfloat16`` view of the tensor, through one
+float32 copy without ml_dtypes). Statistics and gradient sums are always accumulated in
+float64.
 
 Autograd, ``torch.compile`` and ``gradcheck`` work through the custom operators
 ``numbabn::batch_norm_train``, ``numbabn::batch_norm_inference`` and

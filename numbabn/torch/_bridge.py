@@ -25,10 +25,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # ---------------------------------------------------------------- the dtype policy
 # The one place that decides how a tensor dtype reaches the kernels. NumPy has no
-# bfloat16 of its own: a bfloat16 CPU tensor reaches the kernels as an
-# ``ml_dtypes.bfloat16`` view of its memory (`_full`), which they read and write natively.
-# Without ml_dtypes, and on the GPU (numbabn's CUDA kernels do not take bfloat16), it
-# is computed through one float32 copy, the result rounded back.
+# bfloat16 of its own: a bfloat16 tensor reaches the kernels as an ``ml_dtypes.bfloat16``
+# view of its memory (`_full`: a NumPy view on the CPU, a Numba device array on the GPU,
+# made from the tensor's int16 view since PyTorch exports no bfloat16 through the CUDA
+# array interface), which the CPU and CUDA kernels read and write natively. Without
+# ml_dtypes it is computed through one float32 copy, the result rounded back.
 
 def _ml_bfloat16():
     try:
@@ -43,7 +44,7 @@ _BFLOAT16 = _ml_bfloat16()
 
 def _copied(t):
     """Whether ``t`` (bfloat16 without native support) goes through a float32 copy."""
-    return t.dtype == torch.bfloat16 and (_BFLOAT16 is None or not t.is_cpu)
+    return t.dtype == torch.bfloat16 and _BFLOAT16 is None
 
 
 def _kernel_tensor(t):
@@ -114,13 +115,16 @@ def _is_cuda(t):
 def _full(t):
     """A full-size tensor as a numbabn array: NumPy view, or Numba view on the GPU."""
     t = t.detach()
+    bfloat16 = t.dtype == torch.bfloat16
+    if bfloat16:  # neither Tensor.numpy nor the CUDA array interface takes it: its bits
+        t = t.view(torch.int16)
     if _is_cuda(t):
         # sync=False: the interface names PyTorch's current stream, and Numba would wait
         # for it on the host; the kernels go on that same stream instead (`_scope`)
-        return _device.cuda().as_cuda_array(t, sync=False)
-    if t.dtype == torch.bfloat16:  # Tensor.numpy refuses bfloat16: view its bits
-        return t.view(torch.int16).numpy().view(_BFLOAT16)
-    return t.numpy()
+        a = _device.cuda().as_cuda_array(t, sync=False)
+    else:
+        a = t.numpy()
+    return a.view(_BFLOAT16) if bfloat16 else a
 
 
 def _vector(v):

@@ -49,10 +49,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, group, world_size):
         channels = x.shape[1]
-        xk = _bridge._kernel_tensor(x)  # a float32 copy of bfloat16 (NumPy has none)
+        # bfloat16: an ml_dtypes view (`_bridge._full`), a float32 copy without ml_dtypes
+        xk = _bridge._full(_bridge._kernel_tensor(x))
         local = np.zeros((3, channels))  # an empty batch: a part with a zero count
         if x.numel() > 0:
-            local = np.stack(stages.batch_moments(xk.detach().numpy(), axis=1))
+            local = np.stack(stages.batch_moments(xk, axis=1))
         parts = _gather(local, group, world_size)
         if parts[:, 0].sum() <= 1:
             # torch's message; every rank raises it (all gathered the same counts), so
@@ -63,8 +64,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         invstd = 1.0 / np.sqrt(total.var + eps)
         y, written = _bridge._output_like(x)
         if x.numel() > 0:
-            stages.batch_norm_apply(xk.detach().numpy(), _vector(weight), _vector(bias),
-                                    total.mean, invstd, axis=1, out=written.detach().numpy())
+            stages.batch_norm_apply(xk, _vector(weight), _vector(bias), total.mean, invstd,
+                                    axis=1, out=_bridge._full(written))
         ctx.save_for_backward(x, weight)
         ctx.stats = (total.mean, invstd, total.count)
         ctx.group, ctx.world_size = group, world_size
@@ -83,20 +84,18 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         mean, invstd, count = ctx.stats
         channels = x.shape[1]
-        xk, dyk = _bridge._kernel_tensor(x), _bridge._kernel_tensor(dy)
+        xk, dyk = (_bridge._full(_bridge._kernel_tensor(t)) for t in (x, dy))
         local = np.zeros((2, channels))
         if x.numel() > 0:
-            local = stages.batch_norm_grad_sums(dyk.detach().numpy(), xk.detach().numpy(),
-                                                mean, axis=1)
+            local = stages.batch_norm_grad_sums(dyk, xk, mean, axis=1)
         parts = _gather(local, ctx.group, ctx.world_size)
         sums = parts[0].copy()
         for part in parts[1:]:  # rank order (see the module docstring)
             sums += part
         dx, written = _bridge._output_like(x)
         if x.numel() > 0:
-            stages.batch_norm_grad_input(dyk.detach().numpy(), xk.detach().numpy(),
-                                         _vector(weight), mean, invstd, sums, count, axis=1,
-                                         out=written.detach().numpy())
+            stages.batch_norm_grad_input(dyk, xk, _vector(weight), mean, invstd, sums, count,
+                                         axis=1, out=_bridge._full(written))
         weight_dtype, bias_dtype = ctx.param_dtypes
         # the rank's own parameter gradients, as torch's SyncBatchNorm (see the docstring)
         dweight = (None if weight_dtype is None
