@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 import numbabn as nbn
-from numbabn import stages
+from numbabn import _pool, stages
 
 from . import _native
 
@@ -33,12 +33,11 @@ _ALIGN = 64
 
 
 def _aligned_empty(shape, dtype):
-    """An uninitialized array whose data start on a 64-byte boundary."""
+    """An uninitialized array whose data start on a 64-byte boundary (large ones from
+    numbabn's output pool: no fresh pages per call)."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    return _pool.empty_bytes(nbytes).view(dtype).reshape(shape)
 
 
 def _on_cpu(t):

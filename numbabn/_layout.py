@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import _pool
 from ._kernels_cpu import plan_sizes
 
 
@@ -99,10 +100,11 @@ def input_blocks(a, layout):
 
 
 def empty_like_layout(shape, dtype, layout):
-    """A new array of logical ``shape`` whose memory follows ``layout`` (so ``blocks`` is a view)."""
+    """A new array of logical ``shape`` whose memory follows ``layout`` (so ``blocks`` is a
+    view); large ones from the output pool (``_pool``: no fresh pages per call)."""
     if layout.perm == _IN_ORDER[len(shape)]:
-        return np.empty(shape, dtype=dtype)
-    walk = np.empty([shape[a] for a in layout.perm], dtype=dtype)
+        return _pool.empty(shape, dtype)
+    walk = _pool.empty([shape[a] for a in layout.perm], dtype)
     return walk.transpose(np.argsort(layout.perm))
 
 
