@@ -32,6 +32,8 @@ import types as types_module
 import numba
 import numpy as np
 from numba import carray, cfunc, njit, prange, types
+from numba.extending import overload
+from numpy.lib.stride_tricks import as_strided
 
 from ._half import narrow, widen
 from .config import CHUNK_ELEMENTS, LANES, MAX_CHUNKS, SHORT_RUN
@@ -145,9 +147,14 @@ def stats_planes(x, o_per, i_per, mean, var):
     """Per-channel mean and biased variance of ``x`` (O, C, I); as ``stats_rows``.
 
     A task reduces one channel over an ``o_per x i_per`` block with the block's first
-    element as shift, in ``LANES`` float64 accumulators summed in lane order.
+    element as shift, in ``LANES`` float64 accumulators summed in lane order. Runs
+    shorter than ``LANES`` would leave most accumulators idle: those go to
+    ``stats_short_runs`` when each image's channels are one strided run.
     """
     O, C, I = x.shape
+    if _short_runs(x, I):
+        stats_short_runs(_columns(x), I, _plan(O, C * I, 1)[0], mean, var)
+        return
     n_j = ((O + o_per - 1) // o_per) * ((I + i_per - 1) // i_per)
     counts = np.empty(n_j)
     pmean = np.empty((n_j, C))
@@ -180,6 +187,131 @@ def stats_planes(x, o_per, i_per, mean, var):
             counts[j] = n
         pmean[j, c], pm2[j, c] = _shifted_to_moments(n, shift, s1, s2)
     _merge_moments(counts, pmean, pm2, mean, var)
+
+
+def _columns(x):
+    """(O, C, I) whose channels follow each other at the run's stride, as (O, C * I):
+    a reshape of a C-contiguous array (kept C-typed: Numba vectorizes the loops over it,
+    2x faster than over the same memory typed as any-layout), else ``as_strided``."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_columns, inline="always")
+def _columns_impl(x):
+    if x.layout == "C":
+        return lambda x: x.reshape(x.shape[0], x.shape[1] * x.shape[2])
+    return lambda x: as_strided(x, shape=(x.shape[0], x.shape[1] * x.shape[2]),
+                                strides=(x.strides[0], x.strides[2]))
+
+
+#: columns a short-run reduction task sweeps at a time (three float64 vectors of it,
+#: 12 KiB, stay in L1; the order of each column's sum is unchanged)
+_TILE = 512
+
+
+@njit(**_OPTS)
+def _short_runs(a, I):
+    """Whether (O, C, I) ``a`` has runs shorter than ``LANES`` that `_columns` can view
+    as (O, C * I): the channels of one outer index follow each other at the run's stride."""
+    return I < LANES and a.strides[1] == I * a.strides[2]
+
+
+@njit(**_OPTS)
+def _per_column(v, I):
+    """Per-channel ``v`` repeated for each of a channel's I columns."""
+    out = np.empty(v.size * I)
+    for c in range(v.size):
+        out[c * I:(c + 1) * I] = v[c]
+    return out
+
+
+@njit(parallel=True, **_OPTS)
+def stats_short_runs(x2, I, rows_per_task, mean, var):
+    """``stats_planes`` for runs shorter than ``LANES`` (4x4, 2x2 feature maps), where
+    one channel per task leaves most lanes idle (NCHW ran 2-7x slower than NHWC at
+    I = 16 and 4), on ``x2``, the (O, C * I) view of `_columns`.
+
+    As ``stats_rows``: a task takes whole rows and accumulates shifted sums per column,
+    but every column of a channel uses the channel's shift (its first element in the
+    task), so a task adds its channel's I columns before it converts to (mean, M2) once
+    per channel; tasks merge with Chan's rule as everywhere.
+    """
+    O, CI = x2.shape
+    C = CI // I
+    ntasks = (O + rows_per_task - 1) // rows_per_task
+    counts = np.empty(ntasks)
+    pmean = np.empty((ntasks, C))
+    pm2 = np.empty((ntasks, C))
+    for k in prange(ntasks):
+        r0 = k * rows_per_task
+        r1 = min(O, r0 + rows_per_task)
+        s1 = np.zeros(CI)
+        s2 = np.zeros(CI)
+        shift = np.empty(CI)
+        for c in range(C):
+            first = widen(x2[r0, c * I])
+            for i in range(I):
+                shift[c * I + i] = first
+        for j0 in range(0, CI, _TILE):  # accumulators of a tile stay in L1
+            j1 = min(CI, j0 + _TILE)
+            t1 = s1[j0:j1]
+            t2 = s2[j0:j1]
+            ts = shift[j0:j1]
+            for r in range(r0, r1):
+                xr = x2[r, j0:j1]
+                for j in range(j1 - j0):
+                    d = widen(xr[j]) - ts[j]
+                    t1[j] += d
+                    t2[j] += d * d
+        n = np.float64((r1 - r0) * I)
+        counts[k] = n
+        for c in range(C):
+            a = 0.0
+            b = 0.0
+            for i in range(I):
+                a += s1[c * I + i]
+                b += s2[c * I + i]
+            pmean[k, c], pm2[k, c] = _shifted_to_moments(n, shift[c * I], a, b)
+    _merge_moments(counts, pmean, pm2, mean, var)
+
+
+@njit(parallel=True, **_OPTS)
+def grad_sums_short_runs(dy2, x2, I, rows_per_task, mean, sum_dy, sum_dy_xmu):
+    """``grad_sums_planes`` for short runs, as `stats_short_runs`: per-column sums over
+    whole-row tasks, each channel's I columns added per task, tasks added in order."""
+    O, CI = x2.shape
+    C = CI // I
+    ntasks = (O + rows_per_task - 1) // rows_per_task
+    p1 = np.empty((ntasks, C))
+    p2 = np.empty((ntasks, C))
+    for k in prange(ntasks):
+        r0 = k * rows_per_task
+        r1 = min(O, r0 + rows_per_task)
+        s1 = np.zeros(CI)
+        s2 = np.zeros(CI)
+        m = _per_column(mean, I)
+        for j0 in range(0, CI, _TILE):
+            j1 = min(CI, j0 + _TILE)
+            t1 = s1[j0:j1]
+            t2 = s2[j0:j1]
+            tm = m[j0:j1]
+            for r in range(r0, r1):
+                xr = x2[r, j0:j1]
+                gr = dy2[r, j0:j1]
+                for j in range(j1 - j0):
+                    g = widen(gr[j])
+                    t1[j] += g
+                    t2[j] += g * (widen(xr[j]) - tm[j])
+        for c in range(C):
+            a = 0.0
+            b = 0.0
+            for i in range(I):
+                a += s1[c * I + i]
+                b += s2[c * I + i]
+            p1[k, c] = a
+            p2[k, c] = b
+    _sum_partials(p1, sum_dy)
+    _sum_partials(p2, sum_dy_xmu)
 
 
 # ------------------------------------------------------------ normalize / inference
@@ -228,8 +360,10 @@ def affine_planes(x, i_per, center, scale, offset, y):
     Runs shorter than ``config.SHORT_RUN`` (late conv layers: 4x4, 7x7 maps) go one
     outer index per task, all its channels, indexed in 3-D without slices: a task and
     two slice views per 16-element run cost more than its work (inference at
-    (32, 256, 4, 4) float32: 193 us, 4.5x the NHWC time; now ~45 us, as NHWC).
-    Elementwise, so the split changes no bit.
+    (32, 256, 4, 4) float32: 193 us, 4.5x the NHWC time; now ~45 us, as NHWC). Elementwise,
+    so the split changes no bit. (Through ``affine_rows`` on the (O, C * I) view with
+    per-column vectors, as the short-run reductions, it ran slower: three more float64
+    streams per element.)
     """
     O, C, I = x.shape
     if I < SHORT_RUN:
@@ -274,8 +408,13 @@ def grad_sums_rows(dy, x, rows_per_task, mean, sum_dy, sum_dy_xmu):
 
 @njit(parallel=True, **_OPTS)
 def grad_sums_planes(dy, x, o_per, i_per, mean, sum_dy, sum_dy_xmu):
-    """As ``grad_sums_rows`` on (O, C, I) views, with ``LANES`` accumulators."""
+    """As ``grad_sums_rows`` on (O, C, I) views, with ``LANES`` accumulators (runs
+    shorter than that: ``grad_sums_short_runs``, as ``stats_planes``)."""
     O, C, I = x.shape
+    if _short_runs(x, I) and _short_runs(dy, I):
+        grad_sums_short_runs(_columns(dy), _columns(x), I, _plan(O, C * I, 1)[0], mean,
+                             sum_dy, sum_dy_xmu)
+        return
     n_j = ((O + o_per - 1) // o_per) * ((I + i_per - 1) // i_per)
     p1 = np.empty((n_j, C))
     p2 = np.empty((n_j, C))
@@ -308,6 +447,7 @@ def grad_sums_planes(dy, x, o_per, i_per, mean, sum_dy, sum_dy_xmu):
         p2[j, c] = s2
     _sum_partials(p1, sum_dy)
     _sum_partials(p2, sum_dy_xmu)
+
 
 
 @njit(parallel=True, **_OPTS)
