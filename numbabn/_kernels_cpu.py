@@ -449,7 +449,6 @@ def grad_sums_planes(dy, x, o_per, i_per, mean, sum_dy, sum_dy_xmu):
     _sum_partials(p2, sum_dy_xmu)
 
 
-
 @njit(parallel=True, **_OPTS)
 def grad_input_rows(dy, x, rows_per_task, mean, k_dy, mean_dy, k_x, dx):
     """``dx = k_dy[c] * (dy - mean_dy[c]) - k_x[c] * (x - mean[c])`` on (R, C) views."""
