@@ -23,11 +23,15 @@ import os
 # library's kernel slow the other library's next operation.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ._common import SMALL_RUN  # noqa: E402
+from ._common import ASV_SETTINGS, SMALL_RUN, memo, preimport_frameworks  # noqa: E402
 from ._torch_common import (  # noqa: E402
     IMPLS, KERNEL_CASES, MODELS, bn_cost_ratio, check_kernel_case, kernel_case,
     kernel_ops, measure_torch_model, torch_or_skip, use_threads,
 )
+
+preimport_frameworks()  # once, in asv's forkserver (see _common)
+rounds, repeat, warmup_time = (ASV_SETTINGS[k] for k in ("rounds", "repeat", "warmup_time"))
+_built = {}
 
 
 def check_torch_kernels():
@@ -60,10 +64,14 @@ class TorchKernels:
     def setup(self, checked, case, impl):
         if "skip" in checked:
             raise NotImplementedError(checked["skip"])
-        use_threads()
-        self.ops = kernel_ops(kernel_case(case), impl)
-        for fn in self.ops.values():
-            fn()  # compile numbabn's kernels for this layout outside the timing
+        def build():
+            use_threads()
+            ops = kernel_ops(kernel_case(case), impl)
+            for fn in ops.values():
+                fn()  # compile numbabn's kernels for this layout outside the timing
+            return ops
+        # once per process: asv re-runs setup before every sample (see _common.memo)
+        self.ops = memo(_built, (case, impl), build)
 
     def time_train(self, checked, case, impl):
         """Training-mode forward under no_grad (batch statistics, running update)."""
@@ -77,8 +85,8 @@ class TorchKernels:
         self.ops["backward"]()
 
 
-#: asv's settings: 5 rounds of >= 0.3 s blocks (1 round of single steps when small)
-ROUNDS, MIN_BLOCK = (1, 0.0) if SMALL_RUN else (5, 0.3)
+#: the models' timing: 3 rounds of >= 0.3 s blocks (1 round of single steps when small)
+ROUNDS, MIN_BLOCK = (1, 0.0) if SMALL_RUN else (3, 0.3)
 
 
 def measure_torch_models():
