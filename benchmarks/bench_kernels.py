@@ -27,6 +27,7 @@ shared helpers (``report.py`` uses them too).
 
 import os
 import sys
+import tempfile
 
 # Before Numba or TensorFlow load (see _common): spinning OpenMP threads left by one
 # library's kernel slow the other library's next operation.
@@ -38,8 +39,8 @@ import numpy as np  # noqa: E402
 from ._common import (  # noqa: E402
     ASV_SETTINGS, BYTES_MOVED, CASES, EPS, SMALL_RUN, best_of, best_of_interleaved,
     check_peer, checked_inputs, copy_bandwidth, first_call_cold, first_call_warm,
-    floor_seconds, make_inputs, memo, numbabn_ops, peak_increase, preimport_frameworks,
-    tf_ops,
+    floor_seconds, load_inputs, make_inputs, memo, numbabn_ops, peak_increase,
+    preimport_frameworks, save_inputs, tf_ops,
 )
 from ._numpy_bn import numpy_ops  # noqa: E402
 
@@ -58,22 +59,31 @@ PEER_CASES = ["nhwc", "nchw", "nc", "nhwc-f16", "small"] + (
 
 
 def check_cases():
-    """Check numbabn on every case against float64 (``setup_cache`` of the classes).
+    """Check numbabn on every case against float64, then the peers (`measure_peers`):
+    the ``setup_cache`` of every class here but `Scaling` and `FirstCall`.
 
-    Returns the names checked: asv passes a setup_cache's result, unless None, as the
-    first argument of ``setup`` and of every benchmark (the ``_`` there).
+    Returns ``{"names": the cases checked, "inputs": folder or None, "peers":
+    measure_peers()}``: asv passes a setup_cache's result, unless None, as the first
+    argument of ``setup`` and of every benchmark (the ``_`` there). Under asv (whose
+    setup_cache runs in a temporary folder, removed after the classes ran) the checked
+    inputs are saved there, and each benchmark process loads them (`inputs`) instead of
+    generating them again. One setup_cache for all: the peers' checks reuse the float64
+    references computed here (~25 s of a commit's run when they were two).
     """
     names = list(dict.fromkeys(ALL_CASES + LARGE_CASES + PEER_CASES))
+    folder = None
+    if not SMALL_RUN and os.getcwd().startswith(tempfile.gettempdir()):
+        folder = os.path.abspath("inputs")
+        os.makedirs(folder, exist_ok=True)
     for case in names:
-        checked_inputs(*CASES[case])
-    return names
-
-
-check_cases.timeout = 600
+        inp, _ = checked_inputs(*CASES[case])
+        if folder:
+            save_inputs(inp, folder)
+    return {"names": names, "inputs": folder, "peers": measure_peers()}
 
 
 #: best of this many runs per peer and operation in `measure_peers` (in turns)
-PEER_REPEAT = 1 if SMALL_RUN else 5
+PEER_REPEAT = 1 if SMALL_RUN else 4
 PEERS = ("numbabn", "tf_fused", "numpy")
 PEER_OPS = ("train", "inference", "backward")
 
@@ -116,24 +126,27 @@ def measure_peers():
     return results
 
 
-# checks and times 6 cases x 3 peers x 3 operations: ~1 min on 2 cores
-measure_peers.timeout = 900
+# checks 9 cases, then checks and times 6 cases x 3 peers x 3 operations: ~2 min on 2
+# cores
+check_cases.timeout = 900
 
 
-def inputs(case):
-    """The seeded inputs of a case, checked by `check_cases` in asv's setup_cache."""
-    return make_inputs(*CASES[case])
+def inputs(case, checked=None):
+    """The seeded inputs of a case, checked by `check_cases` in asv's setup_cache (and
+    loaded from where it saved them, ``checked["inputs"]``, when it did)."""
+    folder = checked.get("inputs") if isinstance(checked, dict) else None
+    return load_inputs(*CASES[case], folder)
 
 
 _built = {}
 
 
-def kernel_ops(case, preallocated=True):
+def kernel_ops(case, checked=None, preallocated=True):
     """``(inputs, out, numbabn_ops)`` of a case, built once per process (`memo`): asv
     re-runs ``setup`` before every sample, and a fresh ``out`` would page-fault in the
     timed call."""
     def build():
-        inp = inputs(case)
+        inp = inputs(case, checked)
         out = np.empty_like(inp["x"]) if preallocated else None
         return inp, out, numbabn_ops(inp, out)
     return memo(_built, (case, preallocated), build)
@@ -149,7 +162,7 @@ class Kernels:
     setup_cache = staticmethod(check_cases)
 
     def setup(self, _, case):
-        self.inp, self.out, self.ops = kernel_ops(case)
+        self.inp, self.out, self.ops = kernel_ops(case, _)
 
     def time_train(self, _, case):
         self.ops["train"]()
@@ -185,7 +198,7 @@ class PeakMem:
     setup_cache = staticmethod(check_cases)
 
     def setup(self, _, case):
-        self.inp, _out, self.ops = kernel_ops(case, preallocated=False)
+        self.inp, _out, self.ops = kernel_ops(case, _, preallocated=False)
 
     def _peak(self, op):
         self.ops[op]()  # warm-up: anything cached on first use is not counted
@@ -226,7 +239,7 @@ class BandwidthFloor:
     setup_cache = staticmethod(check_cases)
 
     def setup(self, _, case):
-        self.inp, self.out, self.ops = kernel_ops(case)
+        self.inp, self.out, self.ops = kernel_ops(case, _)
 
     def _ratio(self, op):
         # Bandwidth before and after the kernel, the better one: on a shared machine
@@ -265,7 +278,7 @@ class Peers:
     * ``numbabn``: the *allocating* calls, since both peers allocate their outputs on
       every call (a fresh 51 MB output costs a few ms of page faults here).
 
-    Measured in ``setup_cache`` (`measure_peers`): each peer is checked against the
+    Measured in ``setup_cache`` (`check_cases` runs `measure_peers`): each peer is checked against the
     float64 reference first, within its own float32 accuracy
     (`_common.peer_tolerance`), then the three take turns, best of `PEER_REPEAT` runs
     each. ``track_ms_<peer>_<op>`` is a peer's ms per call; ``track_speedup_vs_*`` a
@@ -277,11 +290,11 @@ class Peers:
     param_names = ["case"]
     timeout = 300
 
-    setup_cache = staticmethod(measure_peers)
+    setup_cache = staticmethod(check_cases)
 
-    def setup(self, results, case):
-        self.failed = results[case]["failed"]
-        self.ms = results[case]["ms"]
+    def setup(self, checked, case):
+        self.failed = checked["peers"][case]["failed"]
+        self.ms = checked["peers"][case]["ms"]
 
     def _ms(self, peer, op):
         """A peer's ms per call; a peer that failed its check (or is missing) fails only
@@ -434,7 +447,7 @@ class Threads:
     def setup(self, _, case, threads):
         if numba.config.NUMBA_NUM_THREADS < threads:
             raise NotImplementedError(f"needs {threads} Numba threads")
-        self.inp, self.out, self.ops = kernel_ops(case)
+        self.inp, self.out, self.ops = kernel_ops(case, _)
         self.previous = numba.get_num_threads()
         numba.set_num_threads(threads)
 

@@ -90,8 +90,9 @@ def test_a_peer_that_fails_its_check_drops_only_its_own_benchmarks():
     from benchmarks.bench_kernels import Peers
 
     ms = {op: {"numbabn": 1.0, "numpy": 3.0} for op in ("train", "inference", "backward")}
-    results = {"small": {"failed": {"tf_fused": "failed its check against float64: "
-                                                "(simulated)"}, "ms": ms}}
+    results = {"peers": {"small": {"failed": {"tf_fused": "failed its check against "
+                                                          "float64: (simulated)"},
+                                   "ms": ms}}}
     bench = Peers()
     bench.setup(results, "small")
     for name in ("train", "inference", "backward"):
