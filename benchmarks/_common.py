@@ -96,8 +96,10 @@ def peak_increase(fn):
     reads ``VmHWM`` against the ``VmRSS`` before. The outputs ``fn`` returns count (they
     are alive at the peak); memory the process already had does not, so a forked asv
     process (which starts with its server's interpreter, TensorFlow and PyTorch) reads
-    the same as a fresh one. Raises NotImplementedError elsewhere.
+    the same as a fresh one. Raises NotImplementedError elsewhere. Changes malloc's
+    mmap threshold for the rest of the process (see below): measure last.
     """
+    import ctypes
     import gc
 
     def status(field):
@@ -108,6 +110,14 @@ def peak_increase(fn):
         raise NotImplementedError(f"no {field} in /proc/self/status")
 
     gc.collect()
+    try:  # glibc: every block of 1 MiB or more its own mmap, and free memory returned,
+        # so a call's arrays are new pages (by default, blocks under 32 MiB come from
+        # the heap once a larger one was freed, reusing resident memory: 0 bytes read)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         before = status("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
