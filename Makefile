@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # asv: how many commits of main `bench-history` runs, the slowdown `bench-gate` fails on,
-# and optionally a benchmark regex for both (all benchmarks take ~6 min a commit here)
+# and optionally a benchmark regex for both. The whole suite takes ~10-11 min a commit
+# on the 2-core machine shared with other work (README, "Performance history"), so N=5
+# is about an hour; BENCH narrows it.
 N ?= 5
 FACTOR ?= 1.5
 BENCH ?=

@@ -54,6 +54,82 @@ TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5,
 if bfloat16 is not None:  # 2**-8: half an ulp at the bottom of a binade
     TOLERANCE[np.dtype(bfloat16)] = 5e-3
 
+#: asv's sampling settings for every ``time_*`` benchmark of the suite (each bench module
+#: imports them, and asv reads a module's attributes). One process per benchmark and
+#: parameter (rounds = 1: asv's default 2 doubles the processes for little: the kernels'
+#: run-to-run spread here comes from the machine's load, which a second process a few
+#: minutes later samples no better); 5 to 10 samples, stopping after 2 s of samples, after
+#: 0.1 s of warm-up. The installed asv re-runs ``setup`` before every sample and times
+#: one call per sample when a class has one, so the classes' setups reuse what they built
+#: (`memo`): a sample then times the call alone, not a fresh ``out`` page-faulting.
+ASV_SETTINGS = dict(rounds=1, repeat=(5, 10, 2.0), warmup_time=0.1)
+
+
+def memo(cache, key, build):
+    """``cache[key]``, built by ``build()`` on first use (asv's per-sample setups)."""
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
+def preimport_frameworks():
+    """Import TensorFlow (with Keras) and PyTorch now, where installed.
+
+    asv.conf.json runs the suite with ``launch_method: forkserver``: asv imports the
+    benchmark modules once in a server process and forks every benchmark from it, so what
+    the modules import at import time is paid once per commit, not per benchmark process
+    (TensorFlow takes 5-8 s to import here, and ~150 of the processes used it). Nothing
+    here runs an op or a parallel kernel: a forked child must not inherit started
+    thread pools.
+    """
+    for name in ("tensorflow", "keras", "torch"):
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+
+
+def peak_increase(fn):
+    """Bytes by which ``fn()`` raises the process's resident memory at its peak.
+
+    Linux: resets the high-water mark (``/proc/self/clear_refs``, 5), calls ``fn`` and
+    reads ``VmHWM`` against the ``VmRSS`` before. The outputs ``fn`` returns count (they
+    are alive at the peak); memory the process already had does not, so a forked asv
+    process (which starts with its server's interpreter, TensorFlow and PyTorch) reads
+    the same as a fresh one. Raises NotImplementedError elsewhere. Changes malloc's
+    mmap threshold for the rest of the process (see below): measure last.
+    """
+    import ctypes
+    import gc
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise NotImplementedError(f"no {field} in /proc/self/status")
+
+    gc.collect()
+    try:  # glibc: every block of 1 MiB or more its own mmap, and free memory returned,
+        # so a call's arrays are new pages (by default, blocks under 32 MiB come from
+        # the heap once a larger one was freed, reusing resident memory: 0 bytes read)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        before = status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as exc:
+        raise NotImplementedError(f"needs Linux's /proc/self/clear_refs: {exc}") from None
+    result = fn()
+    peak = status("VmHWM")
+    del result
+    return max(0, peak - before)
+
+
 #: NUMBABN_BENCH_SMALL=1 (``make bench-check``, run by CI): every benchmark runs once on
 #: small inputs, to prove the suite still imports and runs; the case names stay the same.
 SMALL_RUN = os.environ.get("NUMBABN_BENCH_SMALL") == "1"
@@ -92,6 +168,34 @@ def make_inputs(shape, axis, dtype):
             moving_mean=0.1 * rng.standard_normal(c), moving_var=rng.uniform(0.5, 1.5, c),
             axis=axis)
     return _inputs[key]
+
+
+def save_inputs(inp, folder):
+    """Write ``make_inputs``' arrays to ``folder`` (x and dy as unsigned integers of their
+    width: ``np.save`` has no bfloat16); `load_inputs` reads them back, bit for bit."""
+    x = inp["x"]
+    key = f"{'x'.join(map(str, x.shape))}-{inp['axis']}-{np.dtype(x.dtype).name}"
+    path = os.path.join(folder, key + ".npz")
+    as_uint = np.dtype(f"u{x.itemsize}")
+    np.savez(path, **{k: (v.view(as_uint) if k in ("x", "dy") else v)
+                      for k, v in inp.items() if k != "axis"})
+    return path
+
+
+def load_inputs(shape, axis, dtype, folder):
+    """`make_inputs`, read from what `save_inputs` wrote to ``folder`` when it is there
+    (~20 ms for 51 MB, where generating them takes ~0.7 s: asv's setup_cache saves the
+    inputs it checked, and each benchmark process loads them)."""
+    key = (tuple(shape), axis, np.dtype(dtype).str)
+    name = f"{'x'.join(map(str, shape))}-{axis}-{np.dtype(dtype).name}.npz"
+    if key not in _inputs and folder and os.path.exists(os.path.join(folder, name)):
+        with np.load(os.path.join(folder, name)) as f:
+            inp = {k: f[k] for k in f.files}
+        for k in ("x", "dy"):
+            inp[k] = inp[k].view(dtype)
+        inp["axis"] = axis
+        _inputs[key] = inp
+    return make_inputs(shape, axis, dtype)
 
 
 class Reference:
@@ -415,3 +519,15 @@ def markdown_table(header, rows):
              "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def settle_compiled_op():
+    """Before timing anything that runs numbabn's TensorFlow op: wait until its parallel
+    entry points are handed over (with a cold Numba cache they compile in a background
+    thread, taking a core, and large inputs run the serial ones until then). Commits
+    before the background compile have no ``wait_compiled``: nothing to wait for."""
+    from keras_layer import _native
+
+    wait = getattr(_native, "wait_compiled", None)
+    if wait is not None:
+        wait()

@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from ._common import SMALL_RUN  # noqa: E402
+from ._common import SMALL_RUN, settle_compiled_op  # noqa: E402
 
 VARIANTS = ("stock", "numbabn", "fused", "no_bn")
 MODES = ("train", "inference")
@@ -384,6 +384,7 @@ def check_variants(models, x, y, tol=None):
     if failures:
         raise AssertionError(f"{stock.name}: the variants disagree with the stock model "
                              "(nothing was timed):\n  " + "\n  ".join(failures))
+    settle_compiled_op()
     return errors
 
 
@@ -445,7 +446,7 @@ def interleaved_medians(fns, rounds=7, min_block=0.5, warmup=2):
 
 
 def measure_model(name, size=None, batch=None, classes=None, tiny=None, rounds=7,
-                  min_block=0.5):
+                  min_block=0.5, warmup=2):
     """Build, check and time one model's variants (`CONFIG` fills the defaults).
 
     Returns a plain dict (picklable, for asv's setup_cache): ``ms[mode][variant]`` median
@@ -463,7 +464,7 @@ def measure_model(name, size=None, batch=None, classes=None, tiny=None, rounds=7
     t1 = time.perf_counter()
     errors = check_variants(models, x, y)
     t2 = time.perf_counter()
-    median, samples = interleaved_medians(step_fns(models, x, y), rounds, min_block)
+    median, samples = interleaved_medians(step_fns(models, x, y), rounds, min_block, warmup)
     t3 = time.perf_counter()
     ms = {mode: {k: 1e3 * median[(k, mode)] for k in models} for mode in MODES}
     spread = {mode: {k: (max(samples[(k, mode)]) - min(samples[(k, mode)]))

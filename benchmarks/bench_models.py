@@ -27,13 +27,17 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from ._common import SMALL_RUN  # noqa: E402
+from ._common import ASV_SETTINGS, SMALL_RUN, preimport_frameworks  # noqa: E402
 from ._model_common import (  # noqa: E402
     MODELS, bn_cost_ratio, measure_model, speedup_vs_stock,
 )
 
-#: asv's settings: 5 rounds of >= 0.5 s blocks (1 round of single steps when small)
-ROUNDS, MIN_BLOCK = (1, 0.0) if SMALL_RUN else (5, 0.5)
+preimport_frameworks()  # once, in asv's forkserver (see _common)
+rounds, repeat, warmup_time = (ASV_SETTINGS[k] for k in ("rounds", "repeat", "warmup_time"))
+
+#: the timing: 3 rounds of >= 0.5 s blocks after 1 warm-up step (the check made the
+#: first, tracing, call); 1 round of single steps when small
+ROUNDS, MIN_BLOCK, WARMUP = (1, 0.0, 1) if SMALL_RUN else (3, 0.5, 1)
 
 
 def measure_models():
@@ -47,7 +51,7 @@ def measure_models():
         import tensorflow  # noqa: F401
     except ImportError as exc:
         return {"skip": f"tensorflow/keras not importable: {exc}"}
-    return {name: measure_model(name, rounds=ROUNDS, min_block=MIN_BLOCK)
+    return {name: measure_model(name, rounds=ROUNDS, min_block=MIN_BLOCK, warmup=WARMUP)
             for name in MODELS}
 
 

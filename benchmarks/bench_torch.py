@@ -1,18 +1,19 @@
 """asv benchmarks of ``numbabn.torch`` against PyTorch's own batch norm on the CPU.
 
 * `TorchKernels`: one BN module, numbabn's or ``torch.nn``'s (PyTorch's CPU kernel),
-  train forward, eval forward and backward, at (64, 64, 56, 56) float32 NCHW and
+  train forward, eval forward and backward (ms per call, the two timed in turns), at (64, 64, 56, 56) float32 NCHW and
   channels-last and (64, 256) (`_torch_common.KERNEL_CASES`).
 * `TorchModels`: whole models written in ``_torch_common`` (the seeds' LeNet, a
   ResNet-18-shaped net): one SGD training step and one eval forward, stock ``torch.nn``
   BN vs ``numbabn.torch.convert`` vs BN removed (the bound).
 
 Both run on the same thread count (`_torch_common.use_threads`: PyTorch gets Numba's),
-and both check before timing: `TorchKernels`' ``setup_cache`` runs both implementations
-on every case against torch's float64 kernel (a wrong result fails the class's
-benchmarks instead of being timed); `TorchModels`' builds, checks (against the stock
-model in float64) and times the variants in turns in one process, and each ``track_``
-returns a figure of that measurement (why: see ``bench_models.py``).
+and both check before timing, in ``setup_cache``: `TorchKernels`' runs both
+implementations on every case against torch's float64 kernel (a wrong result fails the
+class's benchmarks instead of being timed), `TorchModels`' checks the variants against
+the stock model in float64; each then times its implementations or variants in turns in
+that one process, and each ``track_`` returns a figure of that measurement (why: see
+``bench_models.py``).
 
 Without PyTorch every ``setup`` raises NotImplementedError: asv skips the classes.
 """
@@ -23,62 +24,84 @@ import os
 # library's kernel slow the other library's next operation.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ._common import SMALL_RUN  # noqa: E402
+from ._common import (  # noqa: E402
+    ASV_SETTINGS, SMALL_RUN, best_of_interleaved, preimport_frameworks,
+)
 from ._torch_common import (  # noqa: E402
-    IMPLS, KERNEL_CASES, MODELS, bn_cost_ratio, check_kernel_case, kernel_case,
-    kernel_ops, measure_torch_model, torch_or_skip, use_threads,
+    IMPLS, KERNEL_CASES, KERNEL_OPS, MODELS, bn_cost_ratio, check_kernel_case,
+    kernel_case, kernel_ops, measure_torch_model, torch_or_skip, use_threads,
 )
 
+preimport_frameworks()  # once, in asv's forkserver (see _common)
+rounds, repeat, warmup_time = (ASV_SETTINGS[k] for k in ("rounds", "repeat", "warmup_time"))
 
-def check_torch_kernels():
-    """Check both implementations on every kernel case (``setup_cache``).
 
-    Returns ``{"checked": [...]}``, or ``{"skip": why}`` without PyTorch.
+#: best of this many runs of each implementation, in turns (each run >= 20 ms of calls)
+TORCH_REPEAT = 1 if SMALL_RUN else 5
+
+
+def measure_torch_kernels():
+    """Check both implementations on every kernel case, then time them in turns
+    (``setup_cache`` of `TorchKernels`).
+
+    Returns ``{"ms": {case: {op: {impl: ms per call}}}}``, or ``{"skip": why}`` without
+    PyTorch. Raises AssertionError (nothing timed) if either is wrong.
     """
     try:
         torch_or_skip()
     except NotImplementedError as exc:
         return {"skip": str(exc)}
     use_threads()
+    ms = {}
     for name in KERNEL_CASES:
-        check_kernel_case(kernel_case(name))
-    return {"checked": list(KERNEL_CASES)}
+        case = kernel_case(name)
+        check_kernel_case(case)
+        ops = {impl: kernel_ops(case, impl) for impl in IMPLS}
+        ms[name] = {op: {impl: 1e3 * t for impl, t in best_of_interleaved(
+            {impl: ops[impl][op] for impl in IMPLS}, TORCH_REPEAT).items()}
+            for op in KERNEL_OPS}
+    return {"ms": ms}
 
 
-check_torch_kernels.timeout = 300
+measure_torch_kernels.timeout = 600
 
 
 class TorchKernels:
-    """ms per call of one BN module, numbabn's or PyTorch's, at the same thread count."""
+    """ms per call of one BN module, numbabn's or PyTorch's, at the same thread count:
+    the two timed in turns in ``setup_cache`` (best of `TORCH_REPEAT` runs each), after
+    both were checked against float64; each ``track_`` returns one figure of that.
+    (One process for all: building the modules and 51 MB inputs, and loading numbabn's
+    kernels, took ~3 s in each of 18 asv processes.)"""
 
     params = [list(KERNEL_CASES), list(IMPLS)]
     param_names = ["case", "impl"]
     timeout = 300
 
-    setup_cache = staticmethod(check_torch_kernels)
+    setup_cache = staticmethod(measure_torch_kernels)
 
-    def setup(self, checked, case, impl):
-        if "skip" in checked:
-            raise NotImplementedError(checked["skip"])
-        use_threads()
-        self.ops = kernel_ops(kernel_case(case), impl)
-        for fn in self.ops.values():
-            fn()  # compile numbabn's kernels for this layout outside the timing
+    def setup(self, results, case, impl):
+        if "skip" in results:
+            raise NotImplementedError(results["skip"])
+        self.ms = {op: results["ms"][case][op][impl] for op in KERNEL_OPS}
 
-    def time_train(self, checked, case, impl):
+    def track_ms_train(self, results, case, impl):
         """Training-mode forward under no_grad (batch statistics, running update)."""
-        self.ops["train"]()
+        return self.ms["train"]
 
-    def time_inference(self, checked, case, impl):
-        self.ops["inference"]()
+    def track_ms_inference(self, results, case, impl):
+        return self.ms["inference"]
 
-    def time_backward(self, checked, case, impl):
+    def track_ms_backward(self, results, case, impl):
         """autograd backward of one training-mode forward, to x, weight and bias."""
-        self.ops["backward"]()
+        return self.ms["backward"]
+
+    track_ms_train.unit = "ms"
+    track_ms_inference.unit = "ms"
+    track_ms_backward.unit = "ms"
 
 
-#: asv's settings: 5 rounds of >= 0.3 s blocks (1 round of single steps when small)
-ROUNDS, MIN_BLOCK = (1, 0.0) if SMALL_RUN else (5, 0.3)
+#: the models' timing: 3 rounds of >= 0.3 s blocks (1 round of single steps when small)
+ROUNDS, MIN_BLOCK = (1, 0.0) if SMALL_RUN else (3, 0.3)
 
 
 def measure_torch_models():

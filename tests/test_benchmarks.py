@@ -89,17 +89,53 @@ def test_a_peer_that_fails_its_check_drops_only_its_own_benchmarks():
     sys.path.insert(0, str(ROOT))
     from benchmarks.bench_kernels import Peers
 
-    failed = {"small": {"tf_fused": "failed its check against float64: (simulated)"}}
+    ms = {op: {"numbabn": 1.0, "numpy": 3.0} for op in ("train", "inference", "backward")}
+    results = {"peers": {"small": {"failed": {"tf_fused": "failed its check against "
+                                                          "float64: (simulated)"},
+                                   "ms": ms}}}
     bench = Peers()
-    bench.setup(failed, "small")
+    bench.setup(results, "small")
     for name in ("train", "inference", "backward"):
-        getattr(bench, f"time_numbabn_{name}")(failed, "small")
-        getattr(bench, f"time_numpy_{name}")(failed, "small")
+        assert getattr(bench, f"track_ms_numbabn_{name}")(results, "small") == 1.0
+        assert getattr(bench, f"track_ms_numpy_{name}")(results, "small") == 3.0
         with pytest.raises(RuntimeError, match="tf_fused is not timed: failed its check"):
-            getattr(bench, f"time_tf_fused_{name}")(failed, "small")
-    assert bench.track_speedup_vs_numpy_train(failed, "small") > 0
+            getattr(bench, f"track_ms_tf_fused_{name}")(results, "small")
+    assert bench.track_speedup_vs_numpy_train(results, "small") == 3.0
     with pytest.raises(RuntimeError, match="simulated"):
-        bench.track_speedup_vs_tf_backward(failed, "small")
+        bench.track_speedup_vs_tf_backward(results, "small")
+
+
+def test_measure_peers_runs_each_peer_in_turns_on_small_inputs():
+    """`Peers`' setup_cache on the small case alone: every peer checked and timed."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench_kernels
+
+    saved = bench_kernels.PEER_CASES
+    bench_kernels.PEER_CASES = ["small"]
+    try:
+        results = bench_kernels.measure_peers()
+    finally:
+        bench_kernels.PEER_CASES = saved
+    assert set(results) == {"small"}
+    assert not results["small"]["failed"], results["small"]["failed"]
+    for op in ("train", "inference", "backward"):
+        assert set(results["small"]["ms"][op]) == {"numbabn", "tf_fused", "numpy"}
+        assert all(v > 0 for v in results["small"]["ms"][op].values())
+
+
+def test_peak_increase_counts_what_a_call_allocates():
+    import numpy as np
+    import pytest
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._common import peak_increase
+
+    try:
+        got = peak_increase(lambda: np.ones(4_000_000))  # 32 MB, kept until the peak
+    except NotImplementedError:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert 32e6 <= got < 40e6
+    assert peak_increase(lambda: None) < 4e6
 
 
 def test_conv_bn_report_checks_every_variant_against_stock():
