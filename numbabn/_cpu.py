@@ -56,7 +56,8 @@ def train(x, axis, gamma, beta, eps, out=None):
     y, yv, copy_to = _output(out, x, layout)
     C = layout.channels
     mean, var, invstd = np.empty(C), np.empty(C), np.empty(C)
-    kernel = k.train_rows if layout.is_rows else k.train_planes
+    kernel = (k.train_rows if layout.is_rows else
+              k.train_short if k.short_runs(xv, xv.shape[2]) else k.train_planes)
     run_kernel(kernel, x.size, xv, _ones(gamma, C), _zeros(beta, C), eps, mean, var, invstd,
                yv)
     return _finish(y, copy_to), mean, var, invstd
@@ -80,7 +81,9 @@ def backward(dy, x, axis, gamma, mean, invstd, out=None):
     dx, dxv, copy_to = _output(out, x, layout)
     C = layout.channels
     dgamma, dbeta = np.empty(C), np.empty(C)
-    kernel = k.backward_rows if layout.is_rows else k.backward_planes
+    kernel = (k.backward_rows if layout.is_rows else
+              k.backward_short if k.short_runs(xv, xv.shape[2]) and k.short_runs(
+                  dyv, dyv.shape[2]) else k.backward_planes)
     run_kernel(kernel, x.size, dyv, xv, _ones(gamma, C), mean, invstd, dxv, dgamma, dbeta)
     return _finish(dx, copy_to), dgamma, dbeta
 

@@ -147,14 +147,11 @@ def stats_planes(x, o_per, i_per, mean, var):
     """Per-channel mean and biased variance of ``x`` (O, C, I); as ``stats_rows``.
 
     A task reduces one channel over an ``o_per x i_per`` block with the block's first
-    element as shift, in ``LANES`` float64 accumulators summed in lane order. Runs
-    shorter than ``LANES`` would leave most accumulators idle: those go to
-    ``stats_short_runs`` when each image's channels are one strided run.
+    element as shift, in ``LANES`` float64 accumulators summed in lane order. (Runs
+    shorter than ``LANES`` leave most accumulators idle: the whole operations of
+    ``train_short`` use ``stats_short_runs`` instead.)
     """
     O, C, I = x.shape
-    if _short_runs(x, I):
-        stats_short_runs(_columns(x), I, _plan(O, C * I, 1)[0], mean, var)
-        return
     n_j = ((O + o_per - 1) // o_per) * ((I + i_per - 1) // i_per)
     counts = np.empty(n_j)
     pmean = np.empty((n_j, C))
@@ -210,13 +207,6 @@ _TILE = 512
 
 
 @njit(**_OPTS)
-def _short_runs(a, I):
-    """Whether (O, C, I) ``a`` has runs shorter than ``LANES`` that `_columns` can view
-    as (O, C * I): the channels of one outer index follow each other at the run's stride."""
-    return I < LANES and a.strides[1] == I * a.strides[2]
-
-
-@njit(**_OPTS)
 def _per_column(v, I):
     """Per-channel ``v`` repeated for each of a channel's I columns."""
     out = np.empty(v.size * I)
@@ -225,7 +215,7 @@ def _per_column(v, I):
     return out
 
 
-@njit(parallel=True, **_OPTS)
+@njit(**_OPTS)
 def stats_short_runs(x2, I, rows_per_task, mean, var):
     """``stats_planes`` for runs shorter than ``LANES`` (4x4, 2x2 feature maps), where
     one channel per task leaves most lanes idle (NCHW ran 2-7x slower than NHWC at
@@ -235,6 +225,13 @@ def stats_short_runs(x2, I, rows_per_task, mean, var):
     but every column of a channel uses the channel's shift (its first element in the
     task), so a task adds its channel's I columns before it converts to (mean, M2) once
     per channel; tasks merge with Chan's rule as everywhere.
+
+    Not ``parallel``, and only in ``train_short``, which ``_cpu`` picks (so compiled on
+    first use, never into the TensorFlow op's C entry points): short runs are mostly
+    small inputs, which run serially anyway (``config.SERIAL_BELOW``), and inside
+    ``stats_planes`` (a parfor) they made the op's parallel entry points take 35.6 s
+    instead of 21.4 s to compile with a cold cache. One thread through whole images is
+    about as fast as two through the planes path.
     """
     O, CI = x2.shape
     C = CI // I
@@ -242,7 +239,7 @@ def stats_short_runs(x2, I, rows_per_task, mean, var):
     counts = np.empty(ntasks)
     pmean = np.empty((ntasks, C))
     pm2 = np.empty((ntasks, C))
-    for k in prange(ntasks):
+    for k in range(ntasks):
         r0 = k * rows_per_task
         r1 = min(O, r0 + rows_per_task)
         s1 = np.zeros(CI)
@@ -275,7 +272,7 @@ def stats_short_runs(x2, I, rows_per_task, mean, var):
     _merge_moments(counts, pmean, pm2, mean, var)
 
 
-@njit(parallel=True, **_OPTS)
+@njit(**_OPTS)
 def grad_sums_short_runs(dy2, x2, I, rows_per_task, mean, sum_dy, sum_dy_xmu):
     """``grad_sums_planes`` for short runs, as `stats_short_runs`: per-column sums over
     whole-row tasks, each channel's I columns added per task, tasks added in order."""
@@ -284,7 +281,7 @@ def grad_sums_short_runs(dy2, x2, I, rows_per_task, mean, sum_dy, sum_dy_xmu):
     ntasks = (O + rows_per_task - 1) // rows_per_task
     p1 = np.empty((ntasks, C))
     p2 = np.empty((ntasks, C))
-    for k in prange(ntasks):
+    for k in range(ntasks):
         r0 = k * rows_per_task
         r1 = min(O, r0 + rows_per_task)
         s1 = np.zeros(CI)
@@ -409,12 +406,8 @@ def grad_sums_rows(dy, x, rows_per_task, mean, sum_dy, sum_dy_xmu):
 @njit(parallel=True, **_OPTS)
 def grad_sums_planes(dy, x, o_per, i_per, mean, sum_dy, sum_dy_xmu):
     """As ``grad_sums_rows`` on (O, C, I) views, with ``LANES`` accumulators (runs
-    shorter than that: ``grad_sums_short_runs``, as ``stats_planes``)."""
+    shorter than that: ``grad_sums_short_runs``, in ``backward_short``)."""
     O, C, I = x.shape
-    if _short_runs(x, I) and _short_runs(dy, I):
-        grad_sums_short_runs(_columns(dy), _columns(x), I, _plan(O, C * I, 1)[0], mean,
-                             sum_dy, sum_dy_xmu)
-        return
     n_j = ((O + o_per - 1) // o_per) * ((I + i_per - 1) // i_per)
     p1 = np.empty((n_j, C))
     p2 = np.empty((n_j, C))
@@ -627,6 +620,38 @@ def backward_planes(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
     grad_input_planes(dy, x, i_per, mean, k_dy, mean_dy, k_x, dx)
 
 
+# ------------------------------------------------- planes with runs shorter than LANES
+
+def short_runs(x, I):
+    """Whether the (O, C, I) view ``x`` takes the ``*_short`` operations: runs shorter
+    than ``LANES`` (4x4, 2x2 maps in NCHW), each outer index's channels one strided run
+    (so `_columns` can view it as (O, C * I))."""
+    return I < LANES and x.strides[1] == I * x.strides[2]
+
+
+@njit(**_OPS_OPTS)
+def train_short(x, gamma, beta, eps, mean, var, invstd, y):
+    """``train_planes`` with the statistics of ``stats_short_runs``."""
+    O, C, I = x.shape
+    _, i_per = _plan(O, C, I)
+    stats_short_runs(_columns(x), I, _plan(O, C * I, 1)[0], mean, var)
+    scale = np.empty(C)
+    _norm_coeffs(var, eps, gamma, invstd, scale)
+    affine_planes(x, i_per, mean, scale, beta, y)
+
+
+@njit(**_OPS_OPTS)
+def backward_short(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
+    """``backward_planes`` with the sums of ``grad_sums_short_runs``."""
+    O, C, I = x.shape
+    _, i_per = _plan(O, C, I)
+    sum_dy_xmu = np.empty(C)
+    grad_sums_short_runs(_columns(dy), _columns(x), I, _plan(O, C * I, 1)[0], mean, dbeta,
+                         sum_dy_xmu)
+    k_dy, mean_dy, k_x = _grad_coeffs(dbeta, sum_dy_xmu, invstd, gamma, O * I, dgamma)
+    grad_input_planes(dy, x, i_per, mean, k_dy, mean_dy, k_x, dx)
+
+
 # ================================================================== serial twins
 # Small inputs run on the calling thread (``config.SERIAL_BELOW``). A ``parallel=True``
 # function run with one thread still enters Numba's parallel runtime (a scheduler call
@@ -663,7 +688,7 @@ def _serial_twins(namespace):
 
 #: the compiled operations that call parallel kernels, by name
 OPERATIONS = ("train_rows", "train_planes", "inference_rows", "inference_planes",
-              "backward_rows", "backward_planes")
+              "backward_rows", "backward_planes", "train_short", "backward_short")
 _SERIAL_NAMESPACE = dict(globals())
 #: ``{parallel function: its serial twin}``, for every parallel kernel and operation
 SERIAL = _serial_twins(_SERIAL_NAMESPACE)
