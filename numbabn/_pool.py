@@ -20,7 +20,8 @@ Reuse is by exact size (models repeat their shapes). The pool keeps at most
 `CAP_BYTES` of owners (``NUMBABN_POOL_MB``, default 1024, the variable that bounds the
 TensorFlow op's pool too): beyond that the oldest are forgotten (still-used ones stay alive
 until their last view goes, as any array). Process-wide allocator settings are left
-alone. Outputs are 64-byte aligned (what TensorFlow wants to adopt a buffer).
+alone. Outputs over half the cap are not pooled (one would hold the pool past it after
+its caller is done). Outputs are 64-byte aligned (what TensorFlow wants to adopt a buffer).
 """
 
 import os
@@ -62,7 +63,8 @@ def _aligned(owner, start, nbytes):
 
 def empty_bytes(nbytes):
     """A new 64-byte-aligned uint8 array of ``nbytes``, from the pool when large."""
-    if nbytes < MIN_BYTES:
+    if nbytes < MIN_BYTES or nbytes > CAP_BYTES // 2:
+        # small: malloc reuses; huge: kept in the pool it would hold more than its cap
         owner = np.empty(nbytes + ALIGN, np.uint8)
         return _aligned(owner, -owner.ctypes.data % ALIGN, nbytes)
     with _lock:
@@ -84,7 +86,7 @@ def empty(shape, dtype):
     nbytes = dtype.itemsize
     for n in shape:
         nbytes *= n
-    if nbytes < MIN_BYTES:
+    if nbytes < MIN_BYTES or nbytes > CAP_BYTES // 2:
         return np.empty(shape, dtype)
     return empty_bytes(nbytes).view(dtype).reshape(shape)
 

@@ -141,3 +141,12 @@ def test_concurrent_callers_never_share_a_buffer():
     for i, held in results.items():
         for y in held:
             np.testing.assert_array_equal(y, wants[i])
+
+
+def test_outputs_over_half_the_cap_are_not_kept(monkeypatch):
+    monkeypatch.setattr(_pool, "CAP_BYTES", 3 * NBYTES)
+    held = _pool.held_bytes()
+    a = _pool.empty((2 * NBYTES // 4,), np.float32)  # 2/3 of the cap
+    assert a.base is None  # its own memory, not a view of a pool owner
+    del a
+    assert _pool.held_bytes() == held
