@@ -103,7 +103,8 @@ def _trim(keep):
                     return
                 if entry is keep or (only_free and _references(entry) != _UNREFERENCED):
                     continue
-                entries.remove(entry)
+                # by identity: list.remove would compare owners with ==, elementwise
+                del entries[next(i for i, e in enumerate(entries) if e is entry)]
                 _held[0] -= entry[0].nbytes
             if not entries:
                 del _owners[nbytes]

@@ -150,3 +150,16 @@ def test_outputs_over_half_the_cap_are_not_kept(monkeypatch):
     assert a.base is None  # its own memory, not a view of a pool owner
     del a
     assert _pool.held_bytes() == held
+
+
+def test_trimming_among_owners_of_one_size(monkeypatch):
+    """Several owners of one size, some in use, trimmed past a lowered cap (an owner is
+    found by identity: comparing arrays with == is ambiguous)."""
+    size = NBYTES // 4 + 8192  # a size no other test uses: this test's owners alone
+    held = [_pool.empty((size,), np.float32) for _ in range(3)]
+    del held[1]  # the middle owner is free, the first still in use
+    monkeypatch.setattr(_pool, "CAP_BYTES", _pool.held_bytes() - NBYTES // 2)
+    _pool.empty((size + 1024,), np.float32)  # a new size: adds an owner and trims
+    assert _pool.held_bytes() <= _pool.CAP_BYTES + NBYTES
+    for y in held:
+        y.fill(1.0)  # still valid memory
