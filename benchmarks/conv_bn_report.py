@@ -3,8 +3,8 @@
 The Keras layer's inference runs TensorFlow's ``FusedBatchNormV3`` where grappler folds
 it into the convolution before it, numbabn's op elsewhere
 (``keras_layer._bridge._fuses_into_convolution``). This report is the measurement behind
-that rule: a 1x1 ``Conv2D`` (with and without its bias) then BN inference in one
-``tf.function``, for
+that rule: a 1x1 ``Conv2D`` or a 3x3 ``DepthwiseConv2D`` (with and without its bias)
+then BN inference in one ``tf.function``, for
 
 * ``stock``: ``keras.layers.BatchNormalization``;
 * ``numbabn``: ``keras_layer.BatchNormalization`` (the rule decides);
@@ -40,7 +40,7 @@ SHAPES = ((32, 16, 16, 256), (32, 32, 32, 64))
 VARIANTS = ("stock", "numbabn", "op", "fused", "conv")
 
 
-def build(shape, use_bias):
+def build(shape, use_bias, depthwise=False):
     """``{variant: tf.function}`` of conv -> BN(training=False), the same weights."""
     import keras
     import tensorflow as tf
@@ -51,7 +51,8 @@ def build(shape, use_bias):
     rng = np.random.default_rng(0)
     c = shape[-1]
     x = tf.constant(rng.standard_normal(shape, np.float32))
-    conv = keras.layers.Conv2D(c, 1, use_bias=use_bias)
+    conv = (keras.layers.DepthwiseConv2D(3, padding="same", use_bias=use_bias) if depthwise
+            else keras.layers.Conv2D(c, 1, use_bias=use_bias))
     conv.build(shape)
     layers = {"stock": keras.layers.BatchNormalization(),
               "numbabn": keras_layer.BatchNormalization(),
@@ -94,13 +95,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     rows = []
-    for shape in SHAPES:
-        for use_bias in (False, True):
-            ms = measure(build(shape, use_bias), args.rounds)
-            cost = {k: ms[k] - ms["conv"] for k in VARIANTS[:-1]}
-            rows.append([str(shape), "yes" if use_bias else "no", f"{ms['conv']:.2f}",
-                         *(f"{cost[k]:.2f}" for k in VARIANTS[:-1])])
-    print(markdown_table(["input (NHWC)", "conv bias", "conv ms",
+    for depthwise in (False, True):
+        for shape in SHAPES:
+            for use_bias in (False, True):
+                ms = measure(build(shape, use_bias, depthwise), args.rounds)
+                cost = {k: ms[k] - ms["conv"] for k in VARIANTS[:-1]}
+                rows.append([str(shape), "depthwise 3x3" if depthwise else "1x1",
+                             "yes" if use_bias else "no", f"{ms['conv']:.2f}",
+                             *(f"{cost[k]:.2f}" for k in VARIANTS[:-1])])
+    print(markdown_table(["input (NHWC)", "convolution", "conv bias", "conv ms",
                           *(f"BN cost {k} ms" for k in VARIANTS[:-1])], rows))
 
 

@@ -21,6 +21,8 @@ kernel; the forward saves only the per-channel mean and ``invstd`` (float64), ne
 full-size intermediate. Both bridges give bitwise the same results (the tests compare).
 """
 
+import contextlib
+
 import numpy as np
 import tensorflow as tf
 
@@ -88,6 +90,15 @@ def _first_order_only(grads, sources):
         return [tf.identity(t) for t in tensors[:n]], _second_order_error
 
     return guard(*grads, *sources)
+
+
+def _gradient_scope(scope):
+    """The name scope for a custom gradient's ops, given the forward's (``scope``, read
+    with ``tf.get_current_name_scope()`` in the forward): that scope under
+    ``gradient_tape/``, where TensorFlow puts its own ops' gradients. Without it the
+    gradient op is named ``NumbabnTrainGrad_12``, and a profile or a graph cannot tell
+    which layer it belongs to. Nothing outside a graph (an empty scope)."""
+    return tf.name_scope(f"gradient_tape/{scope}/") if scope else contextlib.nullcontext()
 
 
 def _static_shape(t, like):
@@ -164,8 +175,13 @@ def train(x, gamma, beta, axis, epsilon):
         y = _static_shape(y, x)
         for t in (mean, var, invstd):
             t.set_shape([channels])
+        scope = tf.get_current_name_scope()
 
         def grad(dy, *_unused):  # no gradient flows into mean/var: see stop_gradient below
+            with _gradient_scope(scope):
+                return _train_gradient(dy)
+
+        def _train_gradient(dy):
             def backward(dy_np, x_np, mean_np, invstd_np, *params_np):
                 g, _ = _channel_params(params_np, flags)
                 dx = _aligned_empty(x_np.shape, x_np.dtype)
@@ -252,14 +268,17 @@ def inference(x, gamma, beta, moving_mean, moving_var, axis, epsilon):
 
 # ------------------------------------------------------- inference after a convolution
 
-#: Ops that produce a convolution's output: the convolution itself, or its bias added
-#: (Keras adds a bias with AddV2, other code with BiasAdd).
-_CONVOLUTIONS = ("Conv2D", "DepthwiseConv2dNative")
+#: Ops whose output grappler's remapper folds a following FusedBatchNormV3 into (on the
+#: CPU: ``_FusedConv2D``). Not DepthwiseConv2dNative: after it FusedBatchNormV3 stays an
+#: op of its own (seen in MobileNetV2's inference trace, ``benchmarks/model_trace.py``:
+#: all 35 Conv2D-BN pairs folded, none of the 17 depthwise ones), where it costs more
+#: than numbabn's op (``benchmarks/layer_profile.py``).
+_CONVOLUTIONS = ("Conv2D",)
 
 
 def _fuses_into_convolution(x, axis):
-    """Whether ``x`` is a 4-D float32 or float16 graph tensor straight from a convolution
-    without a bias (Conv2D, DepthwiseConv2dNative as its own op).
+    """Whether ``x`` is a 4-D float32 or float16 graph tensor straight from a Conv2D
+    without a bias (`_CONVOLUTIONS`).
 
     A heuristic on the graph as traced: grappler's remapper folds FusedBatchNormV3 into a
     Conv2D it directly follows, not into one with a BiasAdd (or Add) in between, where
@@ -327,9 +346,12 @@ def _train_native(ops, x, gamma, beta, axis, epsilon):
     def op(x, *params):
         g, b = _native_params(*_channel_params(params, flags), x)
         y, mean, var, invstd = ops.numbabn_train(x, g, b, eps, axis=axis)
+        scope = tf.get_current_name_scope()
 
         def grad(dy, *_unused):  # no gradient flows into mean/var: see stop_gradient below
-            dx, dgamma, dbeta = ops.numbabn_train_grad(dy, x, mean, invstd, g, axis=axis)
+            with _gradient_scope(scope):
+                dx, dgamma, dbeta = ops.numbabn_train_grad(dy, x, mean, invstd, g,
+                                                           axis=axis)
             grads = [dx]
             if flags[0]:
                 grads.append(tf.cast(dgamma, params[0].dtype))

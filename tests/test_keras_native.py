@@ -213,10 +213,10 @@ def _graph_op_types(fn, *args):
 @pytest.mark.parametrize("use_bias", [False, True])
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_inference_after_a_convolution_runs_tensorflows_fused_op(use_bias, depthwise):
-    """In a graph, inference right after a convolution without a bias is
-    FusedBatchNormV3, which grappler folds into the convolution; everywhere else
-    (a convolution's bias in between too: nothing folds it then) it is numbabn's op.
-    Both agree with the stock layer."""
+    """In a graph, inference right after a Conv2D without a bias is FusedBatchNormV3,
+    which grappler folds into the convolution; everywhere else (a convolution's bias in
+    between, a depthwise convolution: nothing folds it then) it is numbabn's op. Both
+    agree with the stock layer."""
     import keras
 
     conv = (keras.layers.DepthwiseConv2D(3, use_bias=use_bias) if depthwise
@@ -229,7 +229,7 @@ def test_inference_after_a_convolution_runs_tensorflows_fused_op(use_bias, depth
         return tf.function(lambda x: layer(conv(x), training=False))
 
     types = _graph_op_types(model(ours), x)
-    if use_bias:
+    if use_bias or depthwise:
         assert "NumbabnInference" in types and "FusedBatchNormV3" not in types
     else:
         assert "FusedBatchNormV3" in types and "NumbabnInference" not in types
@@ -391,3 +391,30 @@ def test_serial_twins_stand_in_until_the_parallel_entry_points_arrive():
         assert lib.numbabn_set_entry(slot, address) == 0
     for p, s in zip(parallel, serial):
         np.testing.assert_array_equal(p, s)
+
+
+def test_a_profiler_trace_attributes_the_ops_to_their_layer(tmp_path):
+    """numbabn's forward and gradient ops show in TensorFlow's profiler at its default
+    level (they trace themselves: TensorFlow traces inline ops only when verbose), named
+    under the layer's scope, the gradient under ``gradient_tape/`` as TensorFlow's own,
+    so ``benchmarks/model_trace.py`` (and TensorBoard) can say what each BN layer costs."""
+    import keras
+
+    import keras_layer
+    from benchmarks import model_trace
+
+    inputs = keras.Input((6, 6, 3))
+    h = keras.layers.Conv2D(4, 3, use_bias=True)(inputs)
+    h = keras_layer.BatchNormalization(name="my_bn")(h)
+    outputs = keras.layers.Dense(2)(keras.layers.Flatten()(h))
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.random.default_rng(11).standard_normal((8, 6, 6, 3)).astype(np.float32)
+    y = np.zeros((8, 2), np.float32)
+    events, _ = model_trace.trace_steps(lambda: model.train_on_batch(x, y), 1, str(tmp_path))
+    scope = model_trace._bn_scope(["my_bn"])
+    owners = {typ: {scope(op) for op, t, _ in events if t == typ}
+              for typ in ("NumbabnTrain", "NumbabnTrainGrad")}
+    assert owners == {"NumbabnTrain": {"my_bn"}, "NumbabnTrainGrad": {"my_bn"}}, owners
+    assert any(op.startswith("gradient_tape/") for op, t, _ in events
+               if t == "NumbabnTrainGrad")
