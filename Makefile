@@ -66,12 +66,13 @@ demo-torch: $(VENV)/.demo-torch
 test: $(VENV)/.test
 	$(BIN)/python -m pytest
 
-## bench: kernel, Keras-layer, PyTorch-module and whole-model (ResNet50, MobileNetV2; LeNet, ResNet-18 in PyTorch) speed tables (floor, TensorFlow's fused kernel, stock layer, torch.nn)
+## bench: kernel, Keras-layer, PyTorch-module and whole-model (ResNet50, MobileNetV2, with a profiler trace of their BN layers; LeNet, ResNet-18 in PyTorch) speed tables (floor, TensorFlow's fused kernel, stock layer, torch.nn)
 bench: $(VENV)/.bench
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/report.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/overhead_report.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/keras_report.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/model_report.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/model_trace.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/torch_report.py
 
 $(HOME)/.asv-machine.json: $(VENV)/.bench

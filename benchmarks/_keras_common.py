@@ -39,8 +39,8 @@ def _tensors(shape, axis, dtype):
     import tensorflow as tf
 
     inp = make_inputs(shape, axis, dtype)
-    if inp["x"].ndim != 4 or axis != 3:
-        raise NotImplementedError("the fused path here is written for NHWC only")
+    if inp["x"].ndim not in (2, 4) or axis != inp["x"].ndim - 1:
+        raise NotImplementedError("the fused path here is written for channels last only")
     params = {k: inp[k].astype(dtype) for k in ("gamma", "beta", "moving_mean", "moving_var")}
     return tf.constant(inp["x"]), tf.constant(inp["dy"]), params
 
@@ -85,18 +85,21 @@ def _fused_fns(x, w, params):
     empty = tf.constant(np.empty(0, np.float32))
     n = x.shape.num_elements() // x.shape[-1]
     fused = tf.raw_ops.FusedBatchNormV3
+    def as_4d(t):  # the op takes 4-D input only: a dense (N, C) batch goes as (N, 1, 1, C)
+        return t if t.shape.rank == 4 else tf.reshape(t, [-1, 1, 1, t.shape[-1]])
 
     def forward():
-        y, mean, var = fused(x=x, scale=gamma, offset=beta, mean=empty, variance=empty,
+        y, mean, var = fused(x=as_4d(x), scale=gamma, offset=beta, mean=empty, variance=empty,
                              epsilon=EPS, data_format="NHWC", is_training=True)[:3]
         var = var * ((n - 1) / n)  # the op returns Bessel's variance; Keras averages the biased
         mm.assign(mm * MOMENTUM + mean * (1.0 - MOMENTUM))
         mv.assign(mv * MOMENTUM + var * (1.0 - MOMENTUM))
-        return y
+        return tf.reshape(y, x.shape)
 
     def inference():
-        return fused(x=x, scale=gamma, offset=beta, mean=mm, variance=mv, epsilon=EPS,
-                     data_format="NHWC", is_training=False)[0]
+        return tf.reshape(fused(x=as_4d(x), scale=gamma, offset=beta, mean=mm, variance=mv,
+                                epsilon=EPS, data_format="NHWC", is_training=False)[0],
+                          x.shape)
 
     return _step_fns(forward, inference, x, w, [gamma, beta], [mm, mv])
 

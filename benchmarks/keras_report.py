@@ -6,7 +6,7 @@ Usage (from the repository root)::
     python benchmarks/keras_report.py [--repeat N]
 
 For each case (ResNet-50's conv2 activation at batch 64, (64, 56, 56, 64) float32 NHWC,
-51 MB, and a cache-sized (32, 8, 8, 16)) it builds the three layers from the same
+51 MB, a cache-sized (32, 8, 8, 16), and the demo LeNet's dense (128, 120)) it builds the three layers from the same
 weights, checks that outputs, gradients and moving statistics agree with the stock
 layer, then times one training step and one inference call inside ``tf.function``
 (best of N, all in this process). The asv suite ``bench_keras.py`` uses the same helpers.
@@ -40,6 +40,9 @@ else:  # run as a script: make the repository root (benchmarks/, numbabn/) impor
     from benchmarks.report import cpu_model
 
 import numpy as np  # noqa: E402
+
+#: the asv suite's cases, and a dense layer's (LeNet's first fully connected BN, batch 128)
+REPORT_CASES = dict(KERAS_CASES, dense=((128, 120), 1, np.float32))
 
 HEADER = ("case", "op", "stock ms", "numbabn ms", "fused ms", "speed-up vs stock",
           "vs fused")
@@ -80,7 +83,7 @@ def main(argv=None):
     import tensorflow as tf
 
     rows, notes = [], []
-    for name, case in KERAS_CASES.items():
+    for name, case in REPORT_CASES.items():
         case_rows, case_notes = measure(name, *case, args.repeat)
         rows += case_rows
         notes += case_notes
