@@ -2,7 +2,7 @@
 
 Usage (from the repository root, on a machine with a CUDA GPU and numba-cuda)::
 
-    python benchmarks/cuda_report.py [--repeat 20]
+    python benchmarks/cuda_report.py [--repeat 20] [--dtypes float32 float16 bfloat16]
     NUMBA_ENABLE_CUDASIM=1 python benchmarks/cuda_report.py --tiny   # anywhere
 
 For ResNet-50's conv2 activation at batch 256, float32, channels-last
@@ -10,7 +10,9 @@ For ResNet-50's conv2 activation at batch 256, float32, channels-last
 a float64 NumPy reference, measures the device-to-device copy bandwidth on the same
 arrays, then times training forward, inference and backward with CUDA events after a
 warm-up (best of ``--repeat``), and ``torch.nn.functional.batch_norm`` (cuDNN) on the
-same memory when PyTorch with CUDA is installed.
+same memory when PyTorch with CUDA is installed. float16 and bfloat16 (``--dtypes``; the
+floor counts their 2-byte elements) are read and written by the kernels themselves;
+cuDNN gets the same half memory with float32 parameters, as PyTorch's mixed precision.
 
 ``--tiny`` runs the same script on a tiny input, to prove it works: under the CUDA
 simulator (where events carry no time, so host wall-clock is shown, and the launch
@@ -24,11 +26,13 @@ import sys
 import time
 
 if __package__:
-    from ._common import BYTES_MOVED, EPS, Reference, check_close, check_full, make_inputs
+    from ._common import (
+        BYTES_MOVED, EPS, TOLERANCE, Reference, bfloat16, check_close, check_full, make_inputs,
+    )
 else:  # run as a script: make the repository root (benchmarks/, numbabn/) importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks._common import (
-        BYTES_MOVED, EPS, Reference, check_close, check_full, make_inputs,
+        BYTES_MOVED, EPS, TOLERANCE, Reference, bfloat16, check_close, check_full, make_inputs,
     )
 
 import numba  # noqa: E402
@@ -43,7 +47,8 @@ from numbabn import _device, config  # noqa: E402
 FULL = {"NHWC": ((256, 56, 56, 64), 3), "NCHW": ((256, 64, 56, 56), 1)}
 TINY = {"NHWC": ((4, 5, 5, 8), 3), "NCHW": ((4, 8, 5, 5), 1)}
 OPS = ("train", "inference", "backward")
-HEADER = ("case (float32)", "op", "numbabn ms", "floor ms", "x floor", "GB/s",
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": bfloat16}
+HEADER = ("case", "op", "numbabn ms", "floor ms", "x floor", "GB/s",
           "cuDNN ms", "speed-up vs cuDNN")
 
 
@@ -83,7 +88,10 @@ def torch_ops(arrays, axis):
         return None
 
     def as_nchw(a):  # zero-copy; NHWC memory becomes torch's channels_last format
-        t = torch.as_tensor(a, device="cuda")
+        if _is_bfloat16(a.dtype):  # the CUDA array interface cannot name bfloat16: its bits
+            t = torch.as_tensor(a.view(np.int16), device="cuda").view(torch.bfloat16)
+        else:
+            t = torch.as_tensor(a, device="cuda")
         return t.permute(0, 3, 1, 2) if axis == 3 else t
 
     x, dy = as_nchw(arrays["x"]), as_nchw(arrays["dy"])
@@ -122,26 +130,32 @@ def device_ops(d, stats, out):
     }
 
 
+def _is_bfloat16(dtype):
+    return bfloat16 is not None and np.dtype(dtype) == np.dtype(bfloat16)
+
+
 def check(name, d, stats, ref):
-    """Raise AssertionError unless every kernel matches the float64 reference."""
+    """Raise AssertionError unless every kernel matches the float64 reference (full-size
+    results to the dtype's rounding, `TOLERANCE`; float64 sums to 1e-10)."""
+    tol = TOLERANCE[np.dtype(d["x"].dtype)]
     calls = device_ops(d, stats, None)
     y, stats = calls["train"]()
-    check_full(f"{name} train y", y.copy_to_host(), ref.y_train, ref, 1e-5)
+    check_full(f"{name} train y", y.copy_to_host(), ref.y_train, ref, tol)
     check_close(f"{name} train mean", stats.mean.copy_to_host(), ref.mean, 1e-10)
     check_close(f"{name} train var", stats.var.copy_to_host(), ref.var, 1e-10)
     check_full(f"{name} inference y", calls["inference"]().copy_to_host(), ref.y_inf,
-               ref, 1e-5)
+               ref, tol)
     dx, dgamma, dbeta = calls["backward"]()
-    check_full(f"{name} backward dx", dx.copy_to_host(), ref.dx, ref, 1e-5)
+    check_full(f"{name} backward dx", dx.copy_to_host(), ref.dx, ref, tol)
     check_close(f"{name} backward dgamma", dgamma.copy_to_host(), ref.dgamma, 1e-10)
     check_close(f"{name} backward dbeta", dbeta.copy_to_host(), ref.dbeta, 1e-10)
 
 
-def measure(name, shape, axis, repeat):
+def measure(name, shape, axis, repeat, dtype=np.float32):
     """Check, then time one case: (copy bandwidth in B/s, table rows, cuDNN timed?)."""
     from numba import cuda
 
-    host = make_inputs(shape, axis, np.float32)
+    host = make_inputs(shape, axis, dtype)
     d = to_device(host)
     _, stats = nbn.batch_norm_train(d["x"], d["gamma"], d["beta"], axis, EPS)
     check(name, d, stats, Reference(host))
@@ -149,15 +163,20 @@ def measure(name, shape, axis, repeat):
     ops = device_ops(d, stats, out)
 
     nbytes = host["x"].nbytes
+    # the copy as 16-bit integers for the half formats (the simulator's copy refuses
+    # bfloat16's void dtype; on a GPU it is the same bytes either way)
+    as_bits = (lambda a: a.view(np.int16)) if host["x"].itemsize == 2 else (lambda a: a)
+    src, dst = as_bits(d["x"]), as_bits(out)
     bandwidth = BYTES_MOVED["copy"] * nbytes / (1e-3 * gpu_ms(
-        lambda: out.copy_to_device(d["x"]), repeat))
+        lambda: dst.copy_to_device(src), repeat))
     torch = torch_ops(d, axis)
     rows = []
     for op in OPS:
         ms = gpu_ms(ops[op], repeat)
         floor = 1e3 * BYTES_MOVED[op] * nbytes / bandwidth
         ref_ms = gpu_ms(torch[op], repeat) if torch else None
-        rows.append((f"{name} {shape}, axis {axis}" if op == "train" else "", op,
+        label = f"{name} {shape}, axis {axis}, {np.dtype(dtype).name}"
+        rows.append((label if op == "train" else "", op,
                      f"{ms:.3f}", f"{floor:.3f}", f"{ms / floor:.2f}",
                      f"{BYTES_MOVED[op] * nbytes / (1e-3 * ms) / 1e9:.0f}",
                      f"{ref_ms:.3f}" if ref_ms else "", f"{ref_ms / ms:.2f}x" if ref_ms else ""))
@@ -170,8 +189,12 @@ def main(argv=None):
                         help="tiny inputs: prove the script works (e.g. under the simulator)")
     parser.add_argument("--repeat", type=int, default=None,
                         help="timed runs per operation (default 20; 2 with --tiny)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"],
+                        choices=list(DTYPES), help="element types (default: all three; "
+                        "bfloat16 needs ml_dtypes)")
     args = parser.parse_args(argv)
     repeat = args.repeat or (2 if args.tiny else 20)
+    dtypes = [DTYPES[name] for name in args.dtypes if DTYPES[name] is not None]
     from numba import cuda
 
     if not cuda.is_available():
@@ -187,10 +210,12 @@ def main(argv=None):
         device = device.decode()
 
     bandwidths, table, with_torch = {}, [], False
-    for name, (shape, axis) in (TINY if args.tiny else FULL).items():
-        bandwidths[name], rows, torch_here = measure(name, shape, axis, repeat)
-        table += rows
-        with_torch |= torch_here
+    for dtype in dtypes:
+        for name, (shape, axis) in (TINY if args.tiny else FULL).items():
+            key = f"{name} {np.dtype(dtype).name}"
+            bandwidths[key], rows, torch_here = measure(name, shape, axis, repeat, dtype)
+            table += rows
+            with_torch |= torch_here
 
     timer = "host wall-clock" if _device.simulated() else "CUDA events"
     print(f"GPU: {device}; numba {numba.__version__}, numbabn {nbn.__version__}, "
@@ -204,7 +229,8 @@ def main(argv=None):
         print("| " + " | ".join(row) + " |")
     print()
     print("- floor = bytes that must move / device copy bandwidth: train 2 reads + 1 write "
-          "of x, inference 1 + 1, backward 4 + 1 (kernels write into a preallocated out=).")
+          "of x, inference 1 + 1, backward 4 + 1 (kernels write into a preallocated out=), "
+          "in the dtype's own element size.")
     print("- all kernels were checked against a float64 NumPy reference first.")
     if not with_torch:
         print("- cuDNN not timed: PyTorch with CUDA is not installed"

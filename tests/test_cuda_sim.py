@@ -56,14 +56,19 @@ def test_gpu_suite_passes_under_the_simulator():
 @pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None,
                     reason="numba-cuda is not installed (pip install '.[cuda]')")
 def test_cuda_report_runs_under_the_simulator():
-    """benchmarks/cuda_report.py --tiny: checks every kernel, then prints its table."""
+    """benchmarks/cuda_report.py --tiny: checks every kernel, then prints its table
+    (float32, and bfloat16, which the report handles through int16 views; float16 is
+    left out only to save a simulated minute)."""
+    pytest.importorskip("ml_dtypes")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "benchmarks/cuda_report.py", "--tiny"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "benchmarks/cuda_report.py", "--tiny", "--dtypes",
+                           "float32", "bfloat16"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| case (float32) | op | numbabn ms |" in proc.stdout
-    assert proc.stdout.count("| train |") == 2 and proc.stdout.count("| backward |") == 2
+    assert "| case | op | numbabn ms |" in proc.stdout
+    assert proc.stdout.count("| train |") == 4 and proc.stdout.count("| backward |") == 4
+    assert proc.stdout.count("bfloat16 | train |") == 2
 
 
 _WITHOUT_NUMBA_CUDA = """
