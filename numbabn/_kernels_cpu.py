@@ -35,7 +35,7 @@ from numba import carray, cfunc, njit, prange, types
 from numba.extending import overload
 from numpy.lib.stride_tricks import as_strided
 
-from ._half import narrow, widen
+from ._half import narrow, narrow_block, staged, widen
 from .config import CHUNK_ELEMENTS, LANES, MAX_CHUNKS, SHORT_RUN
 
 _OPTS = dict(cache=True, nogil=True)
@@ -325,9 +325,17 @@ def affine_rows(x, rows_per_task, center, scale, offset, y):
     for k in prange(ntasks):
         r0 = k * rows_per_task
         r1 = min(R, r0 + rows_per_task)
+        t = np.empty(C if staged(y.dtype) else 0)
         for r in range(r0, r1):
-            for c in range(C):
-                y[r, c] = narrow((widen(x[r, c]) - center[c]) * scale[c] + offset[c], y.dtype)
+            if staged(y.dtype):  # half formats: a row's values, then `narrow_block`
+                xr = x[r]
+                for c in range(C):
+                    t[c] = _affine_value(xr[c], center[c], scale[c], offset[c])
+                narrow_block(t, y[r])
+            else:
+                for c in range(C):
+                    y[r, c] = narrow(_affine_value(x[r, c], center[c], scale[c], offset[c]),
+                                     y.dtype)
 
 
 @njit(**_OPTS)
@@ -345,9 +353,29 @@ def _plane_segment(t, C, I, i_per):
 
 
 @njit(**_OPTS)
+def _affine_value(xv, m, s, b):
+    """One output of the affine pass, in float64 (the same operations everywhere)."""
+    return (widen(xv) - m) * s + b
+
+
+#: elements a half-format run is staged by (`_half.narrow_block`): 2 KiB of float64
+_BLOCK = 256
+
+
+@njit(**_OPTS)
 def _affine_run(xr, m, s, b, yr):
-    for i in range(xr.size):
-        yr[i] = narrow((widen(xr[i]) - m) * s + b, yr.dtype)
+    if staged(yr.dtype):
+        t = np.empty(min(xr.size, _BLOCK))
+        for i0 in range(0, xr.size, _BLOCK):
+            n = min(xr.size - i0, _BLOCK)
+            tb = t[:n]
+            xb = xr[i0:i0 + n]
+            for i in range(n):
+                tb[i] = _affine_value(xb[i], m, s, b)
+            narrow_block(tb, yr[i0:i0 + n])
+    else:
+        for i in range(xr.size):
+            yr[i] = narrow(_affine_value(xr[i], m, s, b), yr.dtype)
 
 
 @njit(parallel=True, **_OPTS)
@@ -370,7 +398,7 @@ def affine_planes(x, i_per, center, scale, offset, y):
                 s = scale[c]
                 b = offset[c]
                 for i in range(I):
-                    y[o, c, i] = narrow((widen(x[o, c, i]) - m) * s + b, y.dtype)
+                    y[o, c, i] = narrow(_affine_value(x[o, c, i], m, s, b), y.dtype)
         return
     for t in prange(O * C * ((I + i_per - 1) // i_per)):
         o, c, i0, i1 = _plane_segment(t, C, I, i_per)
@@ -450,16 +478,41 @@ def grad_input_rows(dy, x, rows_per_task, mean, k_dy, mean_dy, k_x, dx):
     for k in prange(ntasks):
         r0 = k * rows_per_task
         r1 = min(R, r0 + rows_per_task)
+        t = np.empty(C if staged(dx.dtype) else 0)
         for r in range(r0, r1):
-            for c in range(C):
-                dx[r, c] = narrow(k_dy[c] * (widen(dy[r, c]) - mean_dy[c])
-                                  - k_x[c] * (widen(x[r, c]) - mean[c]), dx.dtype)
+            if staged(dx.dtype):  # as `affine_rows`
+                gr = dy[r]
+                xr = x[r]
+                for c in range(C):
+                    t[c] = _grad_input_value(gr[c], xr[c], mean[c], k_dy[c], mean_dy[c], k_x[c])
+                narrow_block(t, dx[r])
+            else:
+                for c in range(C):
+                    dx[r, c] = narrow(_grad_input_value(dy[r, c], x[r, c], mean[c], k_dy[c],
+                                                        mean_dy[c], k_x[c]), dx.dtype)
+
+
+@njit(**_OPTS)
+def _grad_input_value(g, xv, m, a, md, b):
+    """One output of the dx pass, in float64 (the same operations everywhere)."""
+    return a * (widen(g) - md) - b * (widen(xv) - m)
 
 
 @njit(**_OPTS)
 def _grad_input_run(gr, xr, m, a, md, b, dr):
-    for i in range(xr.size):
-        dr[i] = narrow(a * (widen(gr[i]) - md) - b * (widen(xr[i]) - m), dr.dtype)
+    if staged(dr.dtype):  # as `_affine_run`
+        t = np.empty(min(xr.size, _BLOCK))
+        for i0 in range(0, xr.size, _BLOCK):
+            n = min(xr.size - i0, _BLOCK)
+            tb = t[:n]
+            gb = gr[i0:i0 + n]
+            xb = xr[i0:i0 + n]
+            for i in range(n):
+                tb[i] = _grad_input_value(gb[i], xb[i], m, a, md, b)
+            narrow_block(tb, dr[i0:i0 + n])
+    else:
+        for i in range(xr.size):
+            dr[i] = narrow(_grad_input_value(gr[i], xr[i], m, a, md, b), dr.dtype)
 
 
 @njit(parallel=True, **_OPTS)
@@ -475,8 +528,8 @@ def grad_input_planes(dy, x, i_per, mean, k_dy, mean_dy, k_x, dx):
                 md = mean_dy[c]
                 b = k_x[c]
                 for i in range(I):
-                    dx[o, c, i] = narrow(a * (widen(dy[o, c, i]) - md)
-                                         - b * (widen(x[o, c, i]) - m), dx.dtype)
+                    dx[o, c, i] = narrow(_grad_input_value(dy[o, c, i], x[o, c, i], m, a, md, b),
+                                         dx.dtype)
         return
     for t in prange(O * C * ((I + i_per - 1) // i_per)):
         o, c, i0, i1 = _plane_segment(t, C, I, i_per)
