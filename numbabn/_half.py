@@ -194,8 +194,9 @@ def _to_odd_float32(d):
     rounds again on its subnormal grid, but all such values are 0 in float16. (Setting
     the low bits instead of clearing them saves an operation but turns inf into NaN.)"""
     b = _double_bits(d)
-    low = b & 0x1FFFFFFF
-    return np.float32(_bits_double((b - low) | (np.int64(low != 0) << 29)))
+    # (b & M) + M carries into bit 29 exactly when a low bit is set: or-ed into b, then
+    # the low bits cleared (4 integer operations; the compare-and-shift took 5)
+    return np.float32(_bits_double((b | ((b & 0x1FFFFFFF) + 0x1FFFFFFF)) & ~0x1FFFFFFF))
 
 
 @njit(cache=True)
