@@ -329,9 +329,11 @@ def _narrow(v, dtype):
 # ------------------------------------------------- blocks: the fast path and its exceptions
 
 def staged(dtype):
-    """Whether the CPU kernels write ``dtype`` outputs by blocks (`narrow_block`): the
-    half formats. Compiled code: a constant per element type, so the branch on it folds."""
-    return dtype in (np.uint16, np.int16)
+    """Whether the CPU kernels write ``dtype`` outputs by blocks (`narrow_block`): bfloat16,
+    whose rare cases that takes out of the loop. Not float16, which has none: staged, its
+    passes ran 8-16% slower in memory (faster in cache). Compiled code: a constant per
+    element type, so the branch on it folds."""
+    return dtype == np.int16
 
 
 def narrow_fast(v, dtype):
@@ -349,8 +351,7 @@ def narrow_rare(v, dtype):
 
 @overload(staged, inline="always")
 def _staged(dtype):
-    t = getattr(dtype, "dtype", None)
-    flag = t in (types.uint16, types.int16)
+    flag = getattr(dtype, "dtype", None) == types.int16
     return lambda dtype: flag
 
 
