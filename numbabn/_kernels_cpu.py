@@ -358,8 +358,10 @@ def _affine_value(xv, m, s, b):
     return (widen(xv) - m) * s + b
 
 
-#: elements a half-format run is staged by (`_half.narrow_block`): 2 KiB of float64
-_BLOCK = 256
+#: elements a bfloat16 run is staged by (`_half.narrow_block`): 4 KiB of float64, in L1
+#: (bfloat16 (x - m) * s + b in cache, one core: 128: 0.71, 256: 0.78, 512 and 1024: 0.81
+#: elements/cycle)
+_BLOCK = 512
 
 
 @njit(**_OPTS)
