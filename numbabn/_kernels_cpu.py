@@ -322,20 +322,23 @@ def affine_rows(x, rows_per_task, center, scale, offset, y):
     """
     R, C = x.shape
     ntasks = (R + rows_per_task - 1) // rows_per_task
-    for k in prange(ntasks):
-        r0 = k * rows_per_task
-        r1 = min(R, r0 + rows_per_task)
-        t = np.empty(C if staged(y.dtype) else 0)
-        for r in range(r0, r1):
-            if staged(y.dtype):  # half formats: a row's values, then `narrow_block`
+    if staged(y.dtype):  # bfloat16: a row's values, then `narrow_block`
+        for k in prange(ntasks):
+            r0 = k * rows_per_task
+            t = np.empty(C)
+            for r in range(r0, min(R, r0 + rows_per_task)):
                 xr = x[r]
                 for c in range(C):
                     t[c] = _affine_value(xr[c], center[c], scale[c], offset[c])
                 narrow_block(t, y[r])
-            else:
-                for c in range(C):
-                    y[r, c] = narrow(_affine_value(x[r, c], center[c], scale[c], offset[c]),
-                                     y.dtype)
+        return
+    # (a loop of its own: with the branch inside, float32 ran 6-17% slower in memory)
+    for k in prange(ntasks):
+        r0 = k * rows_per_task
+        r1 = min(R, r0 + rows_per_task)
+        for r in range(r0, r1):
+            for c in range(C):
+                y[r, c] = narrow(_affine_value(x[r, c], center[c], scale[c], offset[c]), y.dtype)
 
 
 @njit(**_OPTS)
@@ -477,21 +480,24 @@ def grad_input_rows(dy, x, rows_per_task, mean, k_dy, mean_dy, k_x, dx):
     """``dx = k_dy[c] * (dy - mean_dy[c]) - k_x[c] * (x - mean[c])`` on (R, C) views."""
     R, C = x.shape
     ntasks = (R + rows_per_task - 1) // rows_per_task
-    for k in prange(ntasks):
-        r0 = k * rows_per_task
-        r1 = min(R, r0 + rows_per_task)
-        t = np.empty(C if staged(dx.dtype) else 0)
-        for r in range(r0, r1):
-            if staged(dx.dtype):  # as `affine_rows`
+    if staged(dx.dtype):  # as `affine_rows`
+        for k in prange(ntasks):
+            r0 = k * rows_per_task
+            t = np.empty(C)
+            for r in range(r0, min(R, r0 + rows_per_task)):
                 gr = dy[r]
                 xr = x[r]
                 for c in range(C):
                     t[c] = _grad_input_value(gr[c], xr[c], mean[c], k_dy[c], mean_dy[c], k_x[c])
                 narrow_block(t, dx[r])
-            else:
-                for c in range(C):
-                    dx[r, c] = narrow(_grad_input_value(dy[r, c], x[r, c], mean[c], k_dy[c],
-                                                        mean_dy[c], k_x[c]), dx.dtype)
+        return
+    for k in prange(ntasks):
+        r0 = k * rows_per_task
+        r1 = min(R, r0 + rows_per_task)
+        for r in range(r0, r1):
+            for c in range(C):
+                dx[r, c] = narrow(_grad_input_value(dy[r, c], x[r, c], mean[c], k_dy[c],
+                                                    mean_dy[c], k_x[c]), dx.dtype)
 
 
 @njit(**_OPTS)
