@@ -326,15 +326,20 @@ def affine_rows(x, rows_per_task, center, scale, offset, y):
     """
     R, C = x.shape
     ntasks = (R + rows_per_task - 1) // rows_per_task
-    if staged(y.dtype):  # bfloat16: a row's values, then `narrow_block`
+    if staged(y.dtype):  # bfloat16: a group of rows' values, then `narrow_block`
+        G = max(1, _BLOCK // C)
         for k in prange(ntasks):
             r0 = k * rows_per_task
-            t = np.empty(C)
-            for r in range(r0, min(R, r0 + rows_per_task)):
-                xr = x[r]
-                for c in range(C):
-                    t[c] = _affine_value(xr[c], center[c], scale[c], offset[c])
-                narrow_block(t, y[r])
+            r1 = min(R, r0 + rows_per_task)
+            t = np.empty(G * C)
+            for g0 in range(r0, r1, G):
+                g1 = min(r1, g0 + G)
+                for r in range(g0, g1):
+                    xr = x[r]
+                    tr = t[(r - g0) * C:(r - g0 + 1) * C]
+                    for c in range(C):
+                        tr[c] = _affine_value(xr[c], center[c], scale[c], offset[c])
+                _narrow_rows(t[:(g1 - g0) * C], y, g0, g1)
         return
     # (a loop of its own: with the branch inside, float32 ran 6-17% slower in memory)
     for k in prange(ntasks):
@@ -357,6 +362,25 @@ def _plane_segment(t, C, I, i_per):
     oc = t // n_i
     i0 = (t % n_i) * i_per
     return oc // C, oc % C, i0, min(I, i0 + i_per)
+
+
+def _narrow_rows(t, y, r0, r1):
+    """Rows ``r0:r1`` of ``y`` (R, C) written from their staged values ``t`` (row-major):
+    one `narrow_block` over the rows when ``y`` is C-contiguous (its rows one run), else
+    one per row."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_narrow_rows, inline="always")
+def _narrow_rows_impl(t, y, r0, r1):
+    if y.layout == "C":
+        return lambda t, y, r0, r1: narrow_block(t, y[r0:r1].reshape(-1))
+
+    def per_row(t, y, r0, r1):
+        C = y.shape[1]
+        for r in range(r0, r1):
+            narrow_block(t[(r - r0) * C:(r - r0 + 1) * C], y[r])
+    return per_row
 
 
 @njit(**_OPTS)
@@ -485,15 +509,21 @@ def grad_input_rows(dy, x, rows_per_task, mean, k_dy, mean_dy, k_x, dx):
     R, C = x.shape
     ntasks = (R + rows_per_task - 1) // rows_per_task
     if staged(dx.dtype):  # as `affine_rows`
+        G = max(1, _BLOCK // C)
         for k in prange(ntasks):
             r0 = k * rows_per_task
-            t = np.empty(C)
-            for r in range(r0, min(R, r0 + rows_per_task)):
-                gr = dy[r]
-                xr = x[r]
-                for c in range(C):
-                    t[c] = _grad_input_value(gr[c], xr[c], mean[c], k_dy[c], mean_dy[c], k_x[c])
-                narrow_block(t, dx[r])
+            r1 = min(R, r0 + rows_per_task)
+            t = np.empty(G * C)
+            for g0 in range(r0, r1, G):
+                g1 = min(r1, g0 + G)
+                for r in range(g0, g1):
+                    gr = dy[r]
+                    xr = x[r]
+                    tr = t[(r - g0) * C:(r - g0 + 1) * C]
+                    for c in range(C):
+                        tr[c] = _grad_input_value(gr[c], xr[c], mean[c], k_dy[c], mean_dy[c],
+                                                  k_x[c])
+                _narrow_rows(t[:(g1 - g0) * C], dx, g0, g1)
         return
     for k in prange(ntasks):
         r0 = k * rows_per_task
