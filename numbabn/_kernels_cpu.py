@@ -22,7 +22,7 @@ rounded results of float64 computations. Elements are read with ``widen`` and wr
 with ``narrow`` (``_half``): plain casts for float32 and float64 arrays; for float16 and
 bfloat16, which arrive as views of their bits (uint16 and int16), conversions in
 registers with one rounding per output. bfloat16 outputs of the elementwise passes are
-staged: a row (rows) or 512 elements of a run (planes) computed into a float64 block,
+staged: about 512 elements (whole rows, or part of a run) computed into a float64 block,
 then written by ``_half.narrow_block`` (a rounding without the selects for NaN and
 subnormals, redone exactly for the rare block that needs them): same bits, 1.4-1.6x the
 throughput. Numba compiles each kernel once per storage
