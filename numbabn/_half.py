@@ -321,12 +321,13 @@ def _narrow(v, dtype):
 
 # ------------------------------------------------- blocks: the fast path and its exceptions
 
-def staged(dtype):
-    """Whether the CPU kernels write ``dtype`` outputs by blocks (`narrow_block`): bfloat16,
-    whose rare cases that takes out of the loop. Not float16, which has none: staged, its
-    passes ran 8-16% slower in memory (faster in cache). Compiled code: a constant per
-    element type, so the branch on it folds."""
-    return dtype == np.int16
+def staged_dtype(dtype):
+    """Whether the CPU kernels write outputs of the Numba element type ``dtype`` by blocks
+    (`narrow_block`): bfloat16's storage view (int16), whose rare cases that takes out of
+    the loop. Not float16, which has none: staged, its passes ran 8-16% slower in memory
+    (faster in cache). Asked while a kernel is typed (``_kernels_cpu._by_output_dtype``),
+    so that only one of the two versions is compiled for a dtype."""
+    return dtype == types.int16
 
 
 def narrow_fast(v, dtype):
@@ -356,12 +357,6 @@ def _bf16_block_rare(y):
     for i in range(y.size):
         rare |= np.int16(np.int16(y[i] & 0x7F80) + np.int16(0x80)) <= np.int16(0x80)
     return rare
-
-
-@overload(staged, inline="always")
-def _staged(dtype):
-    flag = getattr(dtype, "dtype", None) == types.int16
-    return lambda dtype: flag
 
 
 @overload(narrow_fast, inline="always")

@@ -39,7 +39,7 @@ from numba import carray, cfunc, njit, prange, types
 from numba.extending import overload
 from numpy.lib.stride_tricks import as_strided
 
-from ._half import narrow, narrow_block, staged, widen
+from ._half import narrow, narrow_block, staged_dtype, widen
 from .config import CHUNK_ELEMENTS, LANES, MAX_CHUNKS, SHORT_RUN
 
 _OPTS = dict(cache=True, nogil=True)
@@ -326,28 +326,57 @@ def affine_rows(x, rows_per_task, center, scale, offset, y):
     """
     R, C = x.shape
     ntasks = (R + rows_per_task - 1) // rows_per_task
-    if staged(y.dtype):  # bfloat16: a group of rows' values, then `narrow_block`
-        G = max(1, _BLOCK // C)
-        for k in prange(ntasks):
-            r0 = k * rows_per_task
-            r1 = min(R, r0 + rows_per_task)
-            t = np.empty(G * C)
-            for g0 in range(r0, r1, G):
-                g1 = min(r1, g0 + G)
-                for r in range(g0, g1):
-                    xr = x[r]
-                    tr = t[(r - g0) * C:(r - g0 + 1) * C]
-                    for c in range(C):
-                        tr[c] = _affine_value(xr[c], center[c], scale[c], offset[c])
-                _narrow_rows(t[:(g1 - g0) * C], y, g0, g1)
-        return
-    # (a loop of its own: with the branch inside, float32 ran 6-17% slower in memory)
     for k in prange(ntasks):
         r0 = k * rows_per_task
-        r1 = min(R, r0 + rows_per_task)
-        for r in range(r0, r1):
+        _affine_rows_task(x, r0, min(R, r0 + rows_per_task), center, scale, offset, y)
+
+
+# The elementwise passes' task bodies are functions of their own, in two versions: the
+# plain loop, and bfloat16's staged one; `_by_output_dtype` picks one while the kernel is
+# typed, so neither is compiled for the other's element type. (With the staging as a
+# branch, each dtype's kernels compiled both: the TensorFlow op's float32 entry points
+# took 17-18 s to compile their serial set instead of 12; as a second ``prange`` loop,
+# 31 s instead of 22 for the parallel set. Inside the loop, float32 ran 6-17% slower.)
+
+def _by_output_dtype(plain, staged_version):
+    """A function compiled as ``staged_version`` for bfloat16 outputs (the storage view
+    ``int16``; the output is the last argument) and as ``plain`` for the others."""
+    def select(*args):
+        raise NotImplementedError("compiled code only")
+
+    @overload(select)
+    def _select(*args):
+        chosen = staged_version if staged_dtype(args[-1].dtype) else plain
+        return lambda *args: chosen(*args)
+
+    return select
+
+
+@njit(**_OPTS)
+def _affine_rows_plain(x, r0, r1, center, scale, offset, y):
+    C = x.shape[1]
+    for r in range(r0, r1):
+        for c in range(C):
+            y[r, c] = narrow(_affine_value(x[r, c], center[c], scale[c], offset[c]), y.dtype)
+
+
+@njit(**_OPTS)
+def _affine_rows_staged(x, r0, r1, center, scale, offset, y):
+    """bfloat16: a group of rows' values, then `narrow_block`."""
+    C = x.shape[1]
+    G = max(1, _BLOCK // C)
+    t = np.empty(G * C)
+    for g0 in range(r0, r1, G):
+        g1 = min(r1, g0 + G)
+        for r in range(g0, g1):
+            xr = x[r]
+            tr = t[(r - g0) * C:(r - g0 + 1) * C]
             for c in range(C):
-                y[r, c] = narrow(_affine_value(x[r, c], center[c], scale[c], offset[c]), y.dtype)
+                tr[c] = _affine_value(xr[c], center[c], scale[c], offset[c])
+        _narrow_rows(t[:(g1 - g0) * C], y, g0, g1)
+
+
+_affine_rows_task = _by_output_dtype(_affine_rows_plain, _affine_rows_staged)
 
 
 @njit(**_OPTS)
@@ -396,19 +425,24 @@ _BLOCK = 512
 
 
 @njit(**_OPTS)
-def _affine_run(xr, m, s, b, yr):
-    if staged(yr.dtype):
-        t = np.empty(min(xr.size, _BLOCK))
-        for i0 in range(0, xr.size, _BLOCK):
-            n = min(xr.size - i0, _BLOCK)
-            tb = t[:n]
-            xb = xr[i0:i0 + n]
-            for i in range(n):
-                tb[i] = _affine_value(xb[i], m, s, b)
-            narrow_block(tb, yr[i0:i0 + n])
-    else:
-        for i in range(xr.size):
-            yr[i] = narrow(_affine_value(xr[i], m, s, b), yr.dtype)
+def _affine_run_plain(xr, m, s, b, yr):
+    for i in range(xr.size):
+        yr[i] = narrow(_affine_value(xr[i], m, s, b), yr.dtype)
+
+
+@njit(**_OPTS)
+def _affine_run_staged(xr, m, s, b, yr):
+    t = np.empty(min(xr.size, _BLOCK))
+    for i0 in range(0, xr.size, _BLOCK):
+        n = min(xr.size - i0, _BLOCK)
+        tb = t[:n]
+        xb = xr[i0:i0 + n]
+        for i in range(n):
+            tb[i] = _affine_value(xb[i], m, s, b)
+        narrow_block(tb, yr[i0:i0 + n])
+
+
+_affine_run = _by_output_dtype(_affine_run_plain, _affine_run_staged)
 
 
 @njit(parallel=True, **_OPTS)
@@ -508,30 +542,39 @@ def grad_input_rows(dy, x, rows_per_task, mean, k_dy, mean_dy, k_x, dx):
     """``dx = k_dy[c] * (dy - mean_dy[c]) - k_x[c] * (x - mean[c])`` on (R, C) views."""
     R, C = x.shape
     ntasks = (R + rows_per_task - 1) // rows_per_task
-    if staged(dx.dtype):  # as `affine_rows`
-        G = max(1, _BLOCK // C)
-        for k in prange(ntasks):
-            r0 = k * rows_per_task
-            r1 = min(R, r0 + rows_per_task)
-            t = np.empty(G * C)
-            for g0 in range(r0, r1, G):
-                g1 = min(r1, g0 + G)
-                for r in range(g0, g1):
-                    gr = dy[r]
-                    xr = x[r]
-                    tr = t[(r - g0) * C:(r - g0 + 1) * C]
-                    for c in range(C):
-                        tr[c] = _grad_input_value(gr[c], xr[c], mean[c], k_dy[c], mean_dy[c],
-                                                  k_x[c])
-                _narrow_rows(t[:(g1 - g0) * C], dx, g0, g1)
-        return
     for k in prange(ntasks):
         r0 = k * rows_per_task
-        r1 = min(R, r0 + rows_per_task)
-        for r in range(r0, r1):
+        _grad_input_rows_task(dy, x, r0, min(R, r0 + rows_per_task), mean, k_dy, mean_dy,
+                              k_x, dx)
+
+
+@njit(**_OPTS)
+def _grad_input_rows_plain(dy, x, r0, r1, mean, k_dy, mean_dy, k_x, dx):
+    C = x.shape[1]
+    for r in range(r0, r1):
+        for c in range(C):
+            dx[r, c] = narrow(_grad_input_value(dy[r, c], x[r, c], mean[c], k_dy[c],
+                                                mean_dy[c], k_x[c]), dx.dtype)
+
+
+@njit(**_OPTS)
+def _grad_input_rows_staged(dy, x, r0, r1, mean, k_dy, mean_dy, k_x, dx):
+    """As `_affine_rows_staged`."""
+    C = x.shape[1]
+    G = max(1, _BLOCK // C)
+    t = np.empty(G * C)
+    for g0 in range(r0, r1, G):
+        g1 = min(r1, g0 + G)
+        for r in range(g0, g1):
+            gr = dy[r]
+            xr = x[r]
+            tr = t[(r - g0) * C:(r - g0 + 1) * C]
             for c in range(C):
-                dx[r, c] = narrow(_grad_input_value(dy[r, c], x[r, c], mean[c], k_dy[c],
-                                                    mean_dy[c], k_x[c]), dx.dtype)
+                tr[c] = _grad_input_value(gr[c], xr[c], mean[c], k_dy[c], mean_dy[c], k_x[c])
+        _narrow_rows(t[:(g1 - g0) * C], dx, g0, g1)
+
+
+_grad_input_rows_task = _by_output_dtype(_grad_input_rows_plain, _grad_input_rows_staged)
 
 
 @njit(**_OPTS)
@@ -541,20 +584,25 @@ def _grad_input_value(g, xv, m, a, md, b):
 
 
 @njit(**_OPTS)
-def _grad_input_run(gr, xr, m, a, md, b, dr):
-    if staged(dr.dtype):  # as `_affine_run`
-        t = np.empty(min(xr.size, _BLOCK))
-        for i0 in range(0, xr.size, _BLOCK):
-            n = min(xr.size - i0, _BLOCK)
-            tb = t[:n]
-            gb = gr[i0:i0 + n]
-            xb = xr[i0:i0 + n]
-            for i in range(n):
-                tb[i] = _grad_input_value(gb[i], xb[i], m, a, md, b)
-            narrow_block(tb, dr[i0:i0 + n])
-    else:
-        for i in range(xr.size):
-            dr[i] = narrow(_grad_input_value(gr[i], xr[i], m, a, md, b), dr.dtype)
+def _grad_input_run_plain(gr, xr, m, a, md, b, dr):
+    for i in range(xr.size):
+        dr[i] = narrow(_grad_input_value(gr[i], xr[i], m, a, md, b), dr.dtype)
+
+
+@njit(**_OPTS)
+def _grad_input_run_staged(gr, xr, m, a, md, b, dr):
+    t = np.empty(min(xr.size, _BLOCK))
+    for i0 in range(0, xr.size, _BLOCK):
+        n = min(xr.size - i0, _BLOCK)
+        tb = t[:n]
+        gb = gr[i0:i0 + n]
+        xb = xr[i0:i0 + n]
+        for i in range(n):
+            tb[i] = _grad_input_value(gb[i], xb[i], m, a, md, b)
+        narrow_block(tb, dr[i0:i0 + n])
+
+
+_grad_input_run = _by_output_dtype(_grad_input_run_plain, _grad_input_run_staged)
 
 
 @njit(parallel=True, **_OPTS)
