@@ -145,6 +145,33 @@ def test_element_access_from_python_is_the_compiled_conversion(dtype):
     assert _half.narrow(np.float64(0.1), np.dtype(np.float32)) == np.float32(0.1)
 
 
+@njit
+def _blocks(t, y, size):
+    for i0 in range(0, t.size, size):
+        _half.narrow_block(t[i0:i0 + size], y[i0:i0 + size])
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=lambda d: d.name)
+@pytest.mark.parametrize("size", [1, 7, 256])
+def test_narrow_block_is_narrow(dtype, size):
+    """The kernels' block writer (bfloat16: a rounding without selects, the block written
+    again with `narrow` when its result has a zero, subnormal, infinity or NaN): the same
+    bits as `narrow` element by element, every NaN bit pattern's class included."""
+    v = _narrowing_inputs(dtype)
+    rng = np.random.default_rng(5)
+    top = np.arange(1 << 12, dtype=np.uint64) << np.uint64(52)  # every sign and exponent
+    low = np.array([0, 1, (1 << 45) - 1, 1 << 45, (1 << 51) - 1, 1 << 51, (1 << 52) - 1,
+                    0x7F << 45, (0x7F << 45) + 1], np.uint64)
+    specials = (top[:, None] | low[None, :]).ravel().view(np.float64)
+    t = 2.0 ** -126
+    near = np.array([t - 2.0 ** -134, t - 2.0 ** -135, t - 2.0 ** -136, t - 2.0 ** -133 * 1.5])
+    v = np.concatenate([v, specials, near, -near])
+    v = v[rng.permutation(v.size)]  # rare values spread over blocks of common ones
+    got = np.empty(v.size, _half._VIEW[dtype.name])
+    _blocks(v, got, size)
+    np.testing.assert_array_equal(got.view(np.uint16), bits(narrow(v, dtype)))
+
+
 # --------------------------------------------------------------------- the kernels
 
 LAYOUTS = [
