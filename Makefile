@@ -4,13 +4,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # asv: how many commits of main `bench-history` runs, the slowdown `bench-gate` fails on,
-# and optionally a benchmark regex for both. The whole suite takes ~10-11 min a commit
-# on the 2-core machine shared with other work (README, "Performance history"), so N=5
-# is about an hour; BENCH narrows it.
-N ?= 5
+# and optionally a benchmark regex for both. Both run the whole suite (this tree's
+# benchmarks/) against each commit's numbabn/ and keras_layer/ in this environment
+# (benchmarks/asv_commits.sh): PER_COMMIT_NOTE
+N ?= 10
 FACTOR ?= 1.5
 BENCH ?=
 ASV_BENCH := $(if $(BENCH),-b "$(BENCH)",)
+ASV_COMMITS := ASV=$(BIN)/asv ASV_ARGS='$(ASV_BENCH)' benchmarks/asv_commits.sh
 # the PyTorch the test environment gets, installed before numbabn[torch] so that pip keeps
 # it: an exact version whose CPU-only wheel pip finds locally here; a looser spec lets pip
 # pick the default build from PyPI, a multi-GB CUDA one on Linux. Elsewhere, e.g.
@@ -77,16 +78,23 @@ bench: $(VENV)/.bench
 $(HOME)/.asv-machine.json: $(VENV)/.bench
 	$(BIN)/asv machine --yes
 
-## bench-history: asv over the last N commits of main (one environment), HTML report
+## bench-history: the whole asv suite over the last N commits of main (first parent; commits with results are skipped), HTML report, PNG
 bench-history: $(HOME)/.asv-machine.json
-	$(BIN)/asv run --skip-existing-commits $(ASV_BENCH) "main~$(N)..main"
+	SKIP_EXISTING=1 $(ASV_COMMITS) $$(git rev-list --first-parent --reverse -n $(N) main)
 	$(BIN)/asv publish
 	$(BIN)/python benchmarks/plot_history.py --out benchmarks/history.png
 	@echo "Report in .asv/html; browse it with: $(BIN)/asv preview"
 
-## bench-gate: the working tree's HEAD against main; fails on a slowdown beyond FACTOR
+## bench-gate: the whole suite on main, then on HEAD; fails when a figure measured in turns is worse by more than FACTOR
+# Gates on ratios of times taken in turns in one process (benchmarks/gate.py: time over
+# a copy of the same bytes, speed-ups over the peers and stock layers, peak memory), not
+# on absolute times, which the load of the shared machine moved by 20-80 % between runs
+# of the same code. GATE_NOTE
 bench-gate: $(HOME)/.asv-machine.json
-	$(BIN)/asv continuous --factor $(FACTOR) --split $(ASV_BENCH) main HEAD
+	$(ASV_COMMITS) main
+	cp "$$(ls -t .asv/results/*/$$(git rev-parse --short=8 main)-*.json | head -1)" .asv/gate-base.json
+	$(ASV_COMMITS) HEAD
+	$(BIN)/python benchmarks/gate.py .asv/gate-base.json HEAD --factor $(FACTOR)
 
 ## bench-check: asv check, and every benchmark run once at a small size (in `make test` too)
 bench-check: $(VENV)/.test

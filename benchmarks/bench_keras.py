@@ -35,7 +35,7 @@ preimport_frameworks()  # once, in asv's forkserver (see _common)
 rounds, repeat, warmup_time = (ASV_SETTINGS[k] for k in ("rounds", "repeat", "warmup_time"))
 
 #: best of this many runs of each kind, in turns (each run >= 20 ms of calls)
-KERAS_REPEAT = 1 if SMALL_RUN else 7
+KERAS_REPEAT = 1 if SMALL_RUN else 4
 
 
 def _tensorflow_missing():

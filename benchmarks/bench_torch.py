@@ -83,6 +83,7 @@ class TorchKernels:
         if "skip" in results:
             raise NotImplementedError(results["skip"])
         self.ms = {op: results["ms"][case][op][impl] for op in KERNEL_OPS}
+        self.torch_ms = {op: results["ms"][case][op]["torch"] for op in KERNEL_OPS}
 
     def track_ms_train(self, results, case, impl):
         """Training-mode forward under no_grad (batch statistics, running update)."""
@@ -95,9 +96,23 @@ class TorchKernels:
         """autograd backward of one training-mode forward, to x, weight and bias."""
         return self.ms["backward"]
 
+    def track_time_over_torch_train(self, results, case, impl):
+        """This implementation's time over ``torch.nn``'s from the same turns (1.0 for
+        torch itself; below 1, numbabn is faster): a ratio that holds under load."""
+        return self.ms["train"] / self.torch_ms["train"]
+
+    def track_time_over_torch_inference(self, results, case, impl):
+        return self.ms["inference"] / self.torch_ms["inference"]
+
+    def track_time_over_torch_backward(self, results, case, impl):
+        return self.ms["backward"] / self.torch_ms["backward"]
+
     track_ms_train.unit = "ms"
     track_ms_inference.unit = "ms"
     track_ms_backward.unit = "ms"
+    track_time_over_torch_train.unit = "x"
+    track_time_over_torch_inference.unit = "x"
+    track_time_over_torch_backward.unit = "x"
 
 
 #: the models' timing: 3 rounds of >= 0.3 s blocks (1 round of single steps when small)
