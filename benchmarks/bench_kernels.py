@@ -105,7 +105,7 @@ def copy_fns(x, out):
 
 
 def measure_kernels():
-    """``{case: {"ms": {op: ms per call}, "copy_ms": ms}}`` for every `KERNEL_CASES`
+    """``{case: {"ms": {op: ms per call}, "copy_ms": ms, "nbytes": x.nbytes}}`` for every `KERNEL_CASES`
     case: the four kernels (writing into a preallocated ``out``) and a copy of ``x``
     into the same ``out`` (the faster of `copy_fns`), timed in turns, best of
     `KERNEL_REPEAT` runs each (`best_of_interleaved`). ``copy_ms`` is what makes
@@ -118,7 +118,8 @@ def measure_kernels():
         fns.update(copy_fns(inp["x"], out))
         t = best_of_interleaved(fns, KERNEL_REPEAT)
         results[case] = {"ms": {op: 1e3 * t[op] for op in KERNEL_OPS},
-                         "copy_ms": 1e3 * min(t["copy_numpy"], t["copy_numba"])}
+                         "copy_ms": 1e3 * min(t["copy_numpy"], t["copy_numba"]),
+                         "nbytes": inp["x"].nbytes}
     return results
 
 
@@ -367,7 +368,6 @@ class BandwidthFloor:
     setup_cache = staticmethod(check_cases)
 
     def setup(self, checked, case):
-        self.inp = inputs(case)
         self.result = checked["kernels"][case]
 
     def _ratio(self, op):
@@ -387,7 +387,7 @@ class BandwidthFloor:
         return self._ratio("stats")
 
     def track_copy_bandwidth(self, _, case):
-        nbytes = self.inp["x"].nbytes
+        nbytes = self.result["nbytes"]
         return BYTES_MOVED["copy"] * nbytes / (1e-3 * self.result["copy_ms"]) / 1e9
 
     track_floor_ratio_train.unit = "x floor"

@@ -117,6 +117,11 @@ class TorchKernels:
 
 #: the models' timing: 3 rounds of >= 0.3 s blocks (1 round of single steps when small)
 ROUNDS, MIN_BLOCK = (1, 0.0) if SMALL_RUN else (3, 0.3)
+#: the variants timed per commit: stock and numbabn (all three are checked); the bound
+#: (BN removed, for the BN cost ratio) too with NUMBABN_BENCH_FULL=1 (or when small)
+FULL_RUN = os.environ.get("NUMBABN_BENCH_FULL") == "1"
+TIMED_VARIANTS = ("stock", "numbabn", "no_bn") if FULL_RUN or SMALL_RUN else (
+    "stock", "numbabn")
 
 
 def measure_torch_models():
@@ -127,7 +132,8 @@ def measure_torch_models():
     except NotImplementedError as exc:
         return {"skip": str(exc)}
     use_threads()
-    return {name: measure_torch_model(name, rounds=ROUNDS, min_block=MIN_BLOCK)
+    return {name: measure_torch_model(name, rounds=ROUNDS, min_block=MIN_BLOCK,
+                                      timed=TIMED_VARIANTS)
             for name in MODELS}
 
 
@@ -156,17 +162,11 @@ class TorchModels:
     def track_ms_train_numbabn(self, results, model):
         return self.ms["train"]["numbabn"]
 
-    def track_ms_train_no_bn(self, results, model):
-        return self.ms["train"]["no_bn"]
-
     def track_ms_inference_stock(self, results, model):
         return self.ms["inference"]["stock"]
 
     def track_ms_inference_numbabn(self, results, model):
         return self.ms["inference"]["numbabn"]
-
-    def track_ms_inference_no_bn(self, results, model):
-        return self.ms["inference"]["no_bn"]
 
     def track_speedup_vs_stock_train(self, results, model):
         """stock ms / numbabn ms (above 1: numbabn's model is faster)."""
@@ -175,6 +175,23 @@ class TorchModels:
     def track_speedup_vs_stock_inference(self, results, model):
         return self.ms["inference"]["stock"] / self.ms["inference"]["numbabn"]
 
+    track_ms_train_stock.unit = "ms"
+    track_ms_train_numbabn.unit = "ms"
+    track_ms_inference_stock.unit = "ms"
+    track_ms_inference_numbabn.unit = "ms"
+    track_speedup_vs_stock_train.unit = "x"
+    track_speedup_vs_stock_inference.unit = "x"
+
+
+def _bound_figures():
+    """`TorchModels`' figures of the no-BN bound, when it is timed."""
+
+    def track_ms_train_no_bn(self, results, model):
+        return self.ms["train"]["no_bn"]
+
+    def track_ms_inference_no_bn(self, results, model):
+        return self.ms["inference"]["no_bn"]
+
     def track_bn_cost_ratio_vs_stock_train(self, results, model):
         """(numbabn - no_bn) / (stock - no_bn); NaN if stock - no_bn <= 0 (noise)."""
         return bn_cost_ratio(self.ms, "train")
@@ -182,13 +199,12 @@ class TorchModels:
     def track_bn_cost_ratio_vs_stock_inference(self, results, model):
         return bn_cost_ratio(self.ms, "inference")
 
-    track_ms_train_stock.unit = "ms"
-    track_ms_train_numbabn.unit = "ms"
-    track_ms_train_no_bn.unit = "ms"
-    track_ms_inference_stock.unit = "ms"
-    track_ms_inference_numbabn.unit = "ms"
-    track_ms_inference_no_bn.unit = "ms"
-    track_speedup_vs_stock_train.unit = "x"
-    track_speedup_vs_stock_inference.unit = "x"
-    track_bn_cost_ratio_vs_stock_train.unit = "x"
-    track_bn_cost_ratio_vs_stock_inference.unit = "x"
+    for fn, unit in ((track_ms_train_no_bn, "ms"), (track_ms_inference_no_bn, "ms"),
+                     (track_bn_cost_ratio_vs_stock_train, "x"),
+                     (track_bn_cost_ratio_vs_stock_inference, "x")):
+        fn.unit = unit
+        setattr(TorchModels, fn.__name__, fn)
+
+
+if "no_bn" in TIMED_VARIANTS:
+    _bound_figures()
