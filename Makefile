@@ -11,6 +11,8 @@ N ?= 10
 FACTOR ?= 1.5
 BENCH ?=
 ASV_BENCH := $(if $(BENCH),-b "$(BENCH)",)
+# the gate's base: where HEAD left main (main itself may have moved on since)
+GATE_BASE ?= $$(git merge-base main HEAD)
 ASV_COMMITS := ASV=$(BIN)/asv ASV_ARGS='$(ASV_BENCH)' benchmarks/asv_commits.sh
 # the PyTorch the test environment gets, installed before numbabn[torch] so that pip keeps
 # it: an exact version whose CPU-only wheel pip finds locally here; a looser spec lets pip
@@ -91,8 +93,8 @@ bench-history: $(HOME)/.asv-machine.json
 # on absolute times, which the load of the shared machine moved by 20-80 % between runs
 # of the same code. GATE_NOTE
 bench-gate: $(HOME)/.asv-machine.json
-	$(ASV_COMMITS) main
-	cp "$$(ls -t .asv/results/*/$$(git rev-parse --short=8 main)-*.json | head -1)" .asv/gate-base.json
+	$(ASV_COMMITS) $(GATE_BASE)
+	cp "$$(ls -t .asv/results/*/$$(git rev-parse --short=8 $(GATE_BASE))-*.json | head -1)" .asv/gate-base.json
 	$(ASV_COMMITS) HEAD
 	$(BIN)/python benchmarks/gate.py .asv/gate-base.json HEAD --factor $(FACTOR)
 

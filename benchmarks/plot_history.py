@@ -122,12 +122,36 @@ def plot(commits, out):
     return out
 
 
+def on_branch(commits, branch):
+    """The commits of ``commits`` that ``branch`` contains (``git merge-base
+    --is-ancestor``): ``make bench-gate`` also leaves results of HEAD and of throwaway
+    branches in the results folder. All of them where git cannot tell (no repository)."""
+    import subprocess
+
+    kept = {}
+    for c, v in commits.items():
+        try:
+            rc = subprocess.run(["git", "merge-base", "--is-ancestor", c, branch],
+                                capture_output=True).returncode
+        except OSError:
+            return commits
+        if rc == 128:  # not a repository, or an unknown commit: cannot tell
+            return commits
+        if rc == 0:
+            kept[c] = v
+    return kept
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=".asv/results")
     parser.add_argument("--out", default="benchmarks/history.png")
+    parser.add_argument("--branch", default="main",
+                        help="plot only commits this branch contains ('' for all)")
     args = parser.parse_args(argv)
     commits = load(args.results)
+    if args.branch:
+        commits = on_branch(commits, args.branch)
     if not commits:
         raise SystemExit(f"no asv results under {args.results}: run `make bench-history` first")
     print(f"{len(commits)} commits -> {plot(commits, args.out)}")

@@ -15,7 +15,7 @@ def _result_file(path, floor_nhwc, speedup, ms, peak_small=None):
         "commit_hash": "a" * 40, "date": 1, "version": 2,
         "result_columns": ["result", "params"],
         "results": {
-            "bench_kernels.BandwidthFloor.track_floor_ratio_inference": [
+            "bench_kernels.BandwidthFloor.track_floor_ratio_1thread_inference": [
                 [floor_nhwc, 1.1], [["'nhwc'", "'nchw'"]]],
             "bench_kernels.Peers.track_speedup_vs_tf_train": [[speedup], [["'nhwc'"]]],
             "bench_kernels.Kernels.track_ms_train": [[ms], [["'nhwc'"]]],
@@ -35,9 +35,12 @@ def test_gate_flags_worse_ratios_and_failures_not_absolute_times(tmp_path, capsy
     assert "track_ms_train" in capsys.readouterr().out
     slower = _result_file(tmp_path / "slower.json", 2.1, 4.0, 10.0, 2 ** 20)
     assert gate.main([base, slower]) == 1
-    assert "track_floor_ratio_inference ['nhwc']" in capsys.readouterr().out
-    lost = _result_file(tmp_path / "lost.json", 1.0, 2.0, 10.0, 2 ** 20)
-    assert gate.main([base, lost]) == 1  # a speed-up halved
+    assert "track_floor_ratio_1thread_inference ['nhwc']" in capsys.readouterr().out
+    peer = _result_file(tmp_path / "peer.json", 1.0, 2.0, 10.0, 2 ** 20)
+    assert gate.main([base, peer]) == 0  # a speed-up over a peer: reported, not gated
+    assert "track_speedup_vs_tf_train" in capsys.readouterr().out
+    more = _result_file(tmp_path / "more.json", 1.0, 4.0, 10.0, 2 ** 22)
+    assert gate.main([base, more]) == 1  # peak memory 4x
     failed = _result_file(tmp_path / "failed.json", 1.0, 4.0, 10.0, None)
     assert gate.main([base, failed]) == 1  # a gated figure missing from head
     values = gate.load(".", base)
