@@ -14,8 +14,8 @@ runs of the same code under load ~3.3, numbabn's speed-ups over the peers moved 
 2.6x (a NumPy or TensorFlow call responds to the load its own way) and the two-thread
 floor ratios by up to 1.7x (a parallel kernel needs both cores at once; a copy, one).
 So the gate fails only on `GATED`: each kernel on one thread over NumPy's one-thread
-copy of the same bytes, timed in the same turns (`BandwidthFloor`, every case, every
-operation: a kernel doing twice its work doubles its figure), and the peak memory of
+copy of the same bytes, timed in the same turns (`BandwidthFloor`, every bandwidth-bound
+case, every operation: a kernel doing twice its work doubles its figure), and the peak memory of
 every allocating call (deterministic). A figure is worse by ``head / base`` where lower
 is better (``base / head`` where higher is, for figures added to `GATED`); beyond
 ``--factor`` it fails the gate, and so does a gated figure that base has and head does
@@ -35,17 +35,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-#: (regex on "module.Class.method", True if higher is better)
+#: (regex on "module.Class.method", True if higher is better, regex on the parameters
+#: of the figures left out). The cache-sized cases are left out of the floor ratios: their
+#: "floor" is a copy of 131 KB in cache (~4 us) against ~40 us of per-call overhead, and
+#: their ratio moved by up to 1.94x between two runs of the same code.
 GATED = [
-    (r"\.BandwidthFloor\.track_floor_ratio_1thread_", False),
-    (r"\.PeakMem\.track_peak_increase_", False),
+    (r"\.BandwidthFloor\.track_floor_ratio_1thread_", False, r"small"),
+    (r"\.PeakMem\.track_peak_increase_", False, None),
 ]
 
 
-def direction(name):
+#: peak memory moved by less than this is not a change (`PeakMem` rounds to whole MiB; a
+#: statistics pass read 2 MiB in one run and 3 MiB in the next); a new full-size
+#: temporary of the smallest large case is 26 MB
+PEAK_SLACK = 8 * 2 ** 20
+
+
+def direction(name, params=""):
     """True (higher is better) / False (lower is better) for a gated figure, else None."""
-    for pattern, higher in GATED:
-        if re.search(pattern, name):
+    for pattern, higher, skip in GATED:
+        if re.search(pattern, name) and not (skip and re.search(skip, params)):
             return higher
     return None
 
@@ -93,7 +102,7 @@ def compare(base, head, factor):
     failures, notes = [], []
     for key in sorted(set(base) | set(head)):
         b, h = base.get(key), head.get(key)
-        higher = direction(key[0])
+        higher = direction(*key)
         if not is_number(b):
             continue  # nothing to compare against (new, or failed on base too)
         if not is_number(h):
@@ -108,6 +117,8 @@ def compare(base, head, factor):
             worse = h / b if b > 0 else (1.0 if h <= 0 else float("inf"))
         else:  # not gated: absolute figures; report a move either way
             worse = max(h / b, b / h) if b > 0 and h > 0 else 1.0
+        if higher is not None and ".PeakMem." in key[0] and abs(h - b) < PEAK_SLACK:
+            worse = 1.0  # a few pages more or less on a small figure (2 -> 3 MiB)
         if worse > factor:
             (failures if higher is not None else notes).append((*key, b, h, worse))
     return failures, notes
@@ -132,7 +143,7 @@ def main(argv=None):
         print(f"no asv results for {args.base} or {args.head} under {args.results}",
               file=sys.stderr)
         return 2
-    gated = sum(1 for k in base if direction(k[0]) is not None and is_number(base[k]))
+    gated = sum(1 for k in base if direction(*k) is not None and is_number(base[k]))
     failures, notes = compare(base, head, args.factor)
     if notes:
         print(f"Not gated (absolute figures, moved by more than {args.factor}x; load "
