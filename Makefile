@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 # asv: how many commits of main `bench-history` runs, the slowdown `bench-gate` fails on,
 # and optionally a benchmark regex for both. Both run the whole suite (this tree's
 # benchmarks/) against each commit's numbabn/ and keras_layer/ in this environment
-# (benchmarks/asv_commits.sh): PER_COMMIT_NOTE
+# (benchmarks/asv_commits.sh). The whole suite takes ~6-6.5 min a commit on the 2-core
+# machine shared with other work at load ~2 (361 and 394 s, 2026-12-01), ~8.5 min at load
+# 3.3, so N=10 is ~1 hour at load 2 (README, "Performance history"); BENCH narrows it,
+# NUMBABN_BENCH_FULL=1 adds ResNet50 and the models' fused and no-BN variants (~+2 min).
 N ?= 10
 FACTOR ?= 1.5
 BENCH ?=
@@ -87,11 +90,14 @@ bench-history: $(HOME)/.asv-machine.json
 	$(BIN)/python benchmarks/plot_history.py --out benchmarks/history.png
 	@echo "Report in .asv/html; browse it with: $(BIN)/asv preview"
 
-## bench-gate: the whole suite on main, then on HEAD; fails when a figure measured in turns is worse by more than FACTOR
-# Gates on ratios of times taken in turns in one process (benchmarks/gate.py: time over
-# a copy of the same bytes, speed-ups over the peers and stock layers, peak memory), not
-# on absolute times, which the load of the shared machine moved by 20-80 % between runs
-# of the same code. GATE_NOTE
+## bench-gate: the whole suite on HEAD's merge base with main, then on HEAD; fails when a gated figure is worse by more than FACTOR
+# Gates (benchmarks/gate.py) on each kernel's time on one thread over NumPy's copy of the
+# same bytes timed in the same turns (bandwidth-bound cases) and on peak memory, not on
+# absolute times, which the load of the shared machine moved by 20-80 % between runs of
+# the same code, nor on the speed-ups over the peers (up to 2.6x); every other figure
+# that moved is listed for information. Between two runs of the same code the gated figures moved by at most
+# 1.48x, and a kernel doing its pass twice read 1.6-2.3x in every case that runs it.
+# Two whole-suite runs: ~12.5 min at load ~2.
 bench-gate: $(HOME)/.asv-machine.json
 	$(ASV_COMMITS) $(GATE_BASE)
 	cp "$$(ls -t .asv/results/*/$$(git rev-parse --short=8 $(GATE_BASE))-*.json | head -1)" .asv/gate-base.json

@@ -146,8 +146,8 @@ def main(argv=None):
     gated = sum(1 for k in base if direction(*k) is not None and is_number(base[k]))
     failures, notes = compare(base, head, args.factor)
     if notes:
-        print(f"Not gated (absolute figures, moved by more than {args.factor}x; load "
-              f"moves these):\n{table(notes)}")
+        print(f"Not gated (moved by more than {args.factor}x either way; for information: "
+              f"load moves these):\n{table(notes)}")
     if failures:
         print(f"FAIL: {len(failures)} of {gated} gated figures (measured in turns) are "
               f"worse by more than {args.factor}x:\n{table(failures)}")
