@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 # asv: how many commits of main `bench-history` runs, the slowdown `bench-gate` fails on,
 # and optionally a benchmark regex for both. Both run the whole suite (this tree's
 # benchmarks/) against each commit's numbabn/ and keras_layer/ in this environment
-# (benchmarks/asv_commits.sh). The whole suite takes ~6-6.5 min a commit on the 2-core
-# machine shared with other work at load ~2 (361 and 394 s, 2026-12-01), ~8.5 min at load
-# 3.3, so N=10 is ~1 hour at load 2 (README, "Performance history"); BENCH narrows it,
-# NUMBABN_BENCH_FULL=1 adds ResNet50 and the models' fused and no-BN variants (~+2 min).
+# (benchmarks/asv_commits.sh). The whole suite takes 5.4-6.6 min a commit on the 2-core
+# machine shared with other work at load ~2-2.5 (325-394 s, 2026-12-01; N=2 took 680 s),
+# ~8.5 min at load 3.3, so N=10 is ~1 hour at load ~2.4 (README, "Performance history");
+# BENCH narrows it; NUMBABN_BENCH_FULL=1 adds ResNet50 and the models' fused and no-BN
+# variants (~+2 min).
 N ?= 10
 FACTOR ?= 1.5
 BENCH ?=

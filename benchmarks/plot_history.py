@@ -25,7 +25,7 @@ SPEEDUP_STOCK = "speed-up over stock Keras (x)"
 SPEEDUP_TF = "speed-up over TF's fused op (x)"
 FLOOR = "time / bandwidth floor"
 PEAK = "peak memory / input size"
-FIRST = "first call, cold cache (s)"
+FIRST = "first call in a new process (s)"
 #: bytes of the (64, 56, 56, 64) float32 input, the unit of the peak-memory panel
 NHWC_BYTES = 64 * 56 * 56 * 64 * 4
 
