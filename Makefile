@@ -4,13 +4,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # asv: how many commits of main `bench-history` runs, the slowdown `bench-gate` fails on,
-# and optionally a benchmark regex for both. The whole suite takes ~10-11 min a commit
-# on the 2-core machine shared with other work (README, "Performance history"), so N=5
-# is about an hour; BENCH narrows it.
-N ?= 5
+# and optionally a benchmark regex for both. Both run the whole suite (this tree's
+# benchmarks/) against each commit's numbabn/ and keras_layer/ in this environment
+# (benchmarks/asv_commits.sh). The whole suite takes 5.4-6.6 min a commit on the 2-core
+# machine shared with other work at load ~2-2.5 (325-394 s, 2026-12-01; N=2 took 680 s),
+# ~8.5 min at load 3.3, so N=10 is ~1 hour at load ~2.4 (README, "Performance history");
+# BENCH narrows it; NUMBABN_BENCH_FULL=1 adds ResNet50 and the models' fused and no-BN
+# variants (~+2 min).
+N ?= 10
 FACTOR ?= 1.5
 BENCH ?=
 ASV_BENCH := $(if $(BENCH),-b "$(BENCH)",)
+# the gate's base: where HEAD left main (main itself may have moved on since)
+GATE_BASE ?= $$(git merge-base main HEAD)
+ASV_COMMITS := ASV=$(BIN)/asv ASV_ARGS='$(ASV_BENCH)' benchmarks/asv_commits.sh
 # the PyTorch the test environment gets, installed before numbabn[torch] so that pip keeps
 # it: an exact version whose CPU-only wheel pip finds locally here; a looser spec lets pip
 # pick the default build from PyPI, a multi-GB CUDA one on Linux. Elsewhere, e.g.
@@ -78,16 +85,26 @@ bench: $(VENV)/.bench
 $(HOME)/.asv-machine.json: $(VENV)/.bench
 	$(BIN)/asv machine --yes
 
-## bench-history: asv over the last N commits of main (one environment), HTML report
+## bench-history: the whole asv suite over the last N commits of main (first parent; commits with results are skipped), HTML report, PNG
 bench-history: $(HOME)/.asv-machine.json
-	$(BIN)/asv run --skip-existing-commits $(ASV_BENCH) "main~$(N)..main"
+	SKIP_EXISTING=1 $(ASV_COMMITS) $$(git rev-list --first-parent --reverse -n $(N) main)
 	$(BIN)/asv publish
 	$(BIN)/python benchmarks/plot_history.py --out benchmarks/history.png
 	@echo "Report in .asv/html; browse it with: $(BIN)/asv preview"
 
-## bench-gate: the working tree's HEAD against main; fails on a slowdown beyond FACTOR
+## bench-gate: the whole suite on HEAD's merge base with main, then on HEAD; fails when a gated figure is worse by more than FACTOR
+# Gates (benchmarks/gate.py) on each kernel's time on one thread over NumPy's copy of the
+# same bytes timed in the same turns (bandwidth-bound cases) and on peak memory, not on
+# absolute times, which the load of the shared machine moved by 20-80 % between runs of
+# the same code, nor on the speed-ups over the peers (up to 2.6x); every other figure
+# that moved is listed for information. Between two runs of the same code the gated figures moved by at most
+# 1.48x, and a kernel doing its pass twice read 1.6-2.3x in every case that runs it.
+# Two whole-suite runs: ~12.5 min at load ~2.
 bench-gate: $(HOME)/.asv-machine.json
-	$(BIN)/asv continuous --factor $(FACTOR) --split $(ASV_BENCH) main HEAD
+	$(ASV_COMMITS) $(GATE_BASE)
+	cp "$$(ls -t .asv/results/*/$$(git rev-parse --short=8 $(GATE_BASE))-*.json | head -1)" .asv/gate-base.json
+	$(ASV_COMMITS) HEAD
+	$(BIN)/python benchmarks/gate.py .asv/gate-base.json HEAD --factor $(FACTOR)
 
 ## bench-check: asv check, and every benchmark run once at a small size (in `make test` too)
 bench-check: $(VENV)/.test

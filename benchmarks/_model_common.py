@@ -258,8 +258,9 @@ def _replace_bn(model, make):
     return new
 
 
-def build_variants(base):
-    """``{variant: model}`` for `VARIANTS`, all with ``base``'s weights, compiled (SGD,
+def build_variants(base, variants=VARIANTS):
+    """``{variant: model}`` for ``variants`` (of `VARIANTS`; "stock" is always built),
+    all with ``base``'s weights, compiled (SGD,
     sparse categorical cross-entropy on logits, no XLA: Keras's "auto" turns it off on a
     CPU-only host anyway, and numbabn's layer cannot be compiled with it)."""
     import keras
@@ -273,12 +274,13 @@ def build_variants(base):
         config.pop("fused", None)
         return fused_cls.from_config(config)
 
-    models = {
-        "stock": base,
-        "numbabn": keras_layer.convert(base, to="numbabn"),
-        "fused": _replace_bn(base, fused),
-        "no_bn": _replace_bn(base, lambda layer: identity_cls(name=layer.name)),
+    make = {
+        "numbabn": lambda: keras_layer.convert(base, to="numbabn"),
+        "fused": lambda: _replace_bn(base, fused),
+        "no_bn": lambda: _replace_bn(base, lambda layer: identity_cls(name=layer.name)),
     }
+    models = {"stock": base}
+    models.update({k: make[k]() for k in VARIANTS if k in variants and k != "stock"})
     for model in models.values():
         model.compile(optimizer=keras.optimizers.SGD(learning_rate=LEARNING_RATE),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -446,7 +448,7 @@ def interleaved_medians(fns, rounds=7, min_block=0.5, warmup=2):
 
 
 def measure_model(name, size=None, batch=None, classes=None, tiny=None, rounds=7,
-                  min_block=0.5, warmup=2):
+                  min_block=0.5, warmup=2, variants=VARIANTS):
     """Build, check and time one model's variants (`CONFIG` fills the defaults).
 
     Returns a plain dict (picklable, for asv's setup_cache): ``ms[mode][variant]`` median
@@ -459,7 +461,7 @@ def measure_model(name, size=None, batch=None, classes=None, tiny=None, rounds=7
                                       tiny=tiny).items() if v is not None})
     t0 = time.perf_counter()
     base = build_base(name, cfg["size"], cfg["classes"], cfg["tiny"], cfg["batch"])
-    models = build_variants(base)
+    models = build_variants(base, variants)
     x, y = make_data(cfg["size"], cfg["batch"], cfg["classes"])
     t1 = time.perf_counter()
     errors = check_variants(models, x, y)

@@ -424,14 +424,15 @@ def model_step_fns(variants, x, y):
     return fns
 
 
-def measure_torch_model(name, rounds=7, min_block=0.5, cfg=None):
+def measure_torch_model(name, rounds=7, min_block=0.5, cfg=None, timed=None):
     """Build, check and time one model's variants; a plain (picklable) dict.
 
     ``cfg``: the model's configuration, by default ``MODELS[name]``.
 
     ``ms[mode][variant]``: median ms per step over ``rounds`` interleaved rounds
     (`_model_common.interleaved_medians`); ``errors`` from `check_model`; ``bn_layers``;
-    ``seconds`` (build + check, timing) of wall time.
+    ``seconds`` (build + check, timing) of wall time. ``timed``: the variants timed
+    (every one by default; all are checked).
     """
     from ._model_common import interleaved_medians
 
@@ -440,6 +441,8 @@ def measure_torch_model(name, rounds=7, min_block=0.5, cfg=None):
     variants = build_model_variants(name, cfg)
     x, y = model_data(name, cfg)
     errors = check_model(variants, x, y)
+    if timed is not None:
+        variants = {k: v for k, v in variants.items() if k in timed}
     t1 = time.perf_counter()
     median, samples = interleaved_medians(model_step_fns(variants, x, y), rounds, min_block)
     t2 = time.perf_counter()

@@ -35,7 +35,7 @@ preimport_frameworks()  # once, in asv's forkserver (see _common)
 rounds, repeat, warmup_time = (ASV_SETTINGS[k] for k in ("rounds", "repeat", "warmup_time"))
 
 #: best of this many runs of each kind, in turns (each run >= 20 ms of calls)
-KERAS_REPEAT = 1 if SMALL_RUN else 7
+KERAS_REPEAT = 1 if SMALL_RUN else 4
 
 
 def _tensorflow_missing():
@@ -165,10 +165,10 @@ def measure_bridge():
     fns = bridge_fns()
     for fn in fns.values():  # trace each tf.function now, not in a timed call
         fn()
-    t = best_of_interleaved({k: fns[k] for k in BRIDGE_CALLS}, 3 if SMALL_RUN else 10)
+    t = best_of_interleaved({k: fns[k] for k in BRIDGE_CALLS}, 3 if SMALL_RUN else 5)
     # the per-call cost: a tiny difference, so more runs of these two alone
     small = best_of_interleaved({k: fns[k] for k in ("noop", "identity")},
-                                3 if SMALL_RUN else 30)
+                                3 if SMALL_RUN else 15)
     return {"us": {k: 1e6 * v for k, v in t.items()},
             "overhead_us": 1e6 * (small["noop"] - small["identity"]),
             "boundary_copy_ms": 1e3 * (t["prealloc_unaligned"] - t["prealloc_aligned"]),
@@ -185,8 +185,8 @@ class Bridge:
     and through a NumPy no-op; ``return_*`` a NumPy function returning a (51 MB float32)
     array: fresh and filled or preallocated, at a 64-byte boundary (``aligned``) or at 16
     bytes as np.empty gives (``unaligned``); ``numpy_copy`` np.copyto into a fresh
-    array, what a copy of 51 MB costs NumPy. Best of 10, in turns.
-    ``track_overhead_us`` is noop minus identity (best of 30 of those two);
+    array, what a copy of 51 MB costs NumPy. Best of 5, in turns.
+    ``track_overhead_us`` is noop minus identity (best of 15 of those two);
     ``track_boundary_copy_ms`` unaligned minus aligned for the preallocated array (NumPy
     does nothing there, so the difference is TensorFlow's copy);
     ``track_output_zero_copy`` is 1 when TF keeps the aligned array's own buffer.

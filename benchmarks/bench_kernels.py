@@ -15,16 +15,21 @@ Cases (``_common.CASES``): NHWC and NCHW 4-D, a 2-D (N, C), float16 NHWC and flo
 (``ml_dtypes``, when installed) in `BandwidthFloor` and `Peers`.
 
 The kernels are checked against a float64 NumPy reference before anything is timed,
-so a wrong kernel fails its benchmarks instead of being timed: in asv's ``setup_cache``
-(`check_cases`, shared by the classes: asv runs it once per commit, before their
-benchmarks, and fails them all if it raises), since the check of all cases takes ~20 s
-and asv starts a new process for every benchmark. The inputs are seeded, and the kernels
-deterministic, so each benchmark's ``setup`` regenerates exactly the checked data.
+so a wrong kernel fails its benchmarks instead of being timed, and everything is
+measured in asv's ``setup_cache`` (`check_cases`, shared by the classes but `Scaling`
+and `FirstCall`; asv runs it once per commit and fails all their benchmarks if it
+raises): the kernels, the copy that makes their floor, the thread counts and the peers
+take turns in that one process, and every class's ``track_`` methods return figures of
+that measurement. Ratios of times from the same turns (time over floor, speed-ups) hold
+under a drifting load, where the absolute times of the same code moved by 20-80 % from
+one asv process to the next on the shared 2-core machine; and a process per benchmark
+cost ~1-2 s each of loading inputs and warming up (~100 s a commit).
 
 asv imports this file as ``benchmarks.bench_kernels``, hence the relative import of the
 shared helpers (``report.py`` uses them too).
 """
 
+import gc
 import os
 import sys
 import tempfile
@@ -37,10 +42,9 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ._common import (  # noqa: E402
-    ASV_SETTINGS, BYTES_MOVED, CASES, EPS, SMALL_RUN, best_of, best_of_interleaved,
-    check_peer, checked_inputs, copy_bandwidth, first_call_cold, first_call_warm,
-    floor_seconds, load_inputs, make_inputs, memo, numbabn_ops, peak_increase,
-    preimport_frameworks, save_inputs, tf_ops,
+    ASV_SETTINGS, BYTES_MOVED, CASES, EPS, SMALL_RUN, _parallel_copy, best_of_interleaved,
+    check_peer, checked_inputs, first_call_seconds, make_inputs, memo,
+    numbabn_ops, peak_increase, preimport_frameworks, tf_ops,
 )
 from ._numpy_bn import numpy_ops  # noqa: E402
 
@@ -59,29 +63,112 @@ PEER_CASES = ["nhwc", "nchw", "nc", "nhwc-f16", "small"] + (
 
 
 def check_cases():
-    """Check numbabn on every case against float64, then the peers (`measure_peers`):
-    the ``setup_cache`` of every class here but `Scaling` and `FirstCall`.
+    """Check numbabn on every case against float64, then measure everything the classes
+    here but `Scaling` and `FirstCall` report: the ``setup_cache`` they share.
 
-    Returns ``{"names": the cases checked, "inputs": folder or None, "peers":
-    measure_peers()}``: asv passes a setup_cache's result, unless None, as the first
-    argument of ``setup`` and of every benchmark (the ``_`` there). Under asv (whose
-    setup_cache runs in a temporary folder, removed after the classes ran) the checked
-    inputs are saved there, and each benchmark process loads them (`inputs`) instead of
-    generating them again. One setup_cache for all: the peers' checks reuse the float64
-    references computed here (~25 s of a commit's run when they were two).
+    Returns ``{"names": the cases checked, "kernels": measure_kernels(), "threads":
+    measure_threads(), "peers": measure_peers(), "peak": measure_peaks()}``: asv passes
+    a setup_cache's result, unless None, as the first argument of ``setup`` and of
+    every benchmark (the ``_`` there), and each ``track_`` method returns one figure of
+    it. Why one process measures it all: on a machine shared with other work the load
+    drifts between asv's benchmark processes (absolute times of the same code moved by
+    20-80 % between runs here), while figures taken in turns in one process (a kernel
+    against a copy of the same bytes, numbabn against a peer) held; and each process
+    re-loaded or regenerated 51 MB inputs. One setup_cache for all: the peers' checks
+    reuse the float64 references computed here.
     """
     names = list(dict.fromkeys(ALL_CASES + LARGE_CASES + PEER_CASES))
-    folder = None
-    if not SMALL_RUN and os.getcwd().startswith(tempfile.gettempdir()):
-        folder = os.path.abspath("inputs")
-        os.makedirs(folder, exist_ok=True)
     for case in names:
-        inp, _ = checked_inputs(*CASES[case])
-        if folder:
-            save_inputs(inp, folder)
+        checked_inputs(*CASES[case])
+    kernels = measure_kernels()
+    threads = measure_threads()
     peers = measure_peers()
     # last: `peak_increase` sets malloc's mmap threshold for the rest of the process
-    return {"names": names, "inputs": folder, "peers": peers, "peak": measure_peaks()}
+    return {"names": names, "kernels": kernels, "threads": threads, "peers": peers,
+            "peak": measure_peaks()}
+
+
+#: the cases `measure_kernels` times (`Kernels` and `BandwidthFloor`)
+KERNEL_CASES = list(dict.fromkeys(ALL_CASES + LARGE_CASES))
+#: best of this many runs (each >= 20 ms of calls) of every kernel and copy, in turns
+KERNEL_REPEAT = 1 if SMALL_RUN else 7
+KERNEL_OPS = ("train", "inference", "backward", "stats")
+
+
+def copy_fns(x, out):
+    """``{"copy_numpy", "copy_numba"}``: a copy of ``x`` into ``out``, NumPy's (one
+    thread) and a parallel Numba loop's (the kernels' threads), as unsigned integers of
+    the same width (Numba has no float16)."""
+    as_uint = np.dtype(f"u{x.itemsize}")
+    s, d = x.reshape(-1).view(as_uint), out.reshape(-1).view(as_uint)
+    return {"copy_numpy": lambda: np.copyto(d, s), "copy_numba": lambda: _parallel_copy(s, d)}
+
+
+def measure_kernels():
+    """``{case: {"ms", "ms_1thread": {op: ms per call}, "copy_ms", "copy_1thread_ms",
+    "nbytes"}}`` for every `KERNEL_CASES` case: the four kernels (writing into a
+    preallocated ``out``) on every Numba thread and on one, and a copy of ``x`` into the
+    same ``out`` (`copy_fns`: NumPy's, one thread, and a parallel Numba loop's), all
+    timed in turns, best of `KERNEL_REPEAT` runs each (`best_of_interleaved`).
+    ``copy_ms`` (the faster copy) makes `BandwidthFloor`'s floor, ``copy_1thread_ms``
+    (NumPy's) the one-thread floor: measured in the same turns, a change of load moves
+    kernel and floor alike. On one thread more so: a parallel kernel on the 2-core
+    machine needs both cores at once, which other work takes from it more often than the
+    one core a copy needs (its floor ratio moved by up to 1.7x between two runs of the
+    same code there), so the gate (``benchmarks/gate.py``) reads the one-thread ratios."""
+    previous = numba.get_num_threads()
+    results = {}
+    try:
+        for case in KERNEL_CASES:
+            inp, out, ops = kernel_ops(case)
+            fns = {}
+            for op in KERNEL_OPS:
+                def on(n, fn=ops[op]):
+                    def run():
+                        numba.set_num_threads(n)
+                        fn()
+                    return run
+                fns[op] = on(previous)
+                fns[(op, 1)] = on(1)
+            fns.update(copy_fns(inp["x"], out))
+            t = best_of_interleaved(fns, KERNEL_REPEAT)
+            results[case] = {"ms": {op: 1e3 * t[op] for op in KERNEL_OPS},
+                             "ms_1thread": {op: 1e3 * t[(op, 1)] for op in KERNEL_OPS},
+                             "copy_ms": 1e3 * min(t["copy_numpy"], t["copy_numba"]),
+                             "copy_1thread_ms": 1e3 * t["copy_numpy"],
+                             "nbytes": inp["x"].nbytes}
+    finally:
+        numba.set_num_threads(previous)
+    return results
+
+
+#: the `Threads` cases and thread counts
+THREAD_CASES, THREAD_COUNTS = ["nhwc", "nchw"], [1, 2]
+
+
+def measure_threads():
+    """``{case: {op: {threads: ms}}}``: train and backward of `THREAD_CASES` at each of
+    `THREAD_COUNTS` (``numba.set_num_threads``), the counts taking turns; ``{"skip":
+    why}`` with fewer Numba threads than the largest count."""
+    if numba.config.NUMBA_NUM_THREADS < max(THREAD_COUNTS):
+        return {"skip": f"needs {max(THREAD_COUNTS)} Numba threads"}
+    previous = numba.get_num_threads()
+    results = {}
+    try:
+        for case in THREAD_CASES:
+            _, _, ops = kernel_ops(case)
+            results[case] = {}
+            for op in ("train", "backward"):
+                def on(n, fn=ops[op]):
+                    def run():
+                        numba.set_num_threads(n)
+                        fn()
+                    return run
+                t = best_of_interleaved({n: on(n) for n in THREAD_COUNTS}, KERNEL_REPEAT)
+                results[case][op] = {n: 1e3 * t[n] for n in THREAD_COUNTS}
+    finally:
+        numba.set_num_threads(previous)
+    return results
 
 
 PEAK_STEP = 2 ** 20
@@ -106,6 +193,18 @@ def measure_peaks():
 
 
 def _measure_peaks():
+    # What is alive now is frozen out of the collector's reach, so the full collection
+    # before each measurement (`peak_increase`) walks only what is new: ~0.4 s a
+    # collection with TensorFlow's and PyTorch's objects around, 28 of them
+    gc.collect()
+    gc.freeze()
+    try:
+        return _measure_each_peak()
+    finally:
+        gc.unfreeze()
+
+
+def _measure_each_peak():
     peaks = {}
     for case in ALL_CASES:
         ops = numbabn_ops(inputs(case), None)
@@ -165,25 +264,21 @@ def measure_peers():
     return results
 
 
-# checks 9 cases, then checks and times 6 cases x 3 peers x 3 operations: ~2 min on 2
-# cores
+# checks 9 cases, times 8 cases' kernels and copies in turns, 1 thread against 2, then
+# checks and times 6 cases x 3 peers x 3 operations: ~1.5 min on 2 cores
 check_cases.timeout = 900
 
 
 def inputs(case, checked=None):
-    """The seeded inputs of a case, checked by `check_cases` in asv's setup_cache (and
-    loaded from where it saved them, ``checked["inputs"]``, when it did)."""
-    folder = checked.get("inputs") if isinstance(checked, dict) else None
-    return load_inputs(*CASES[case], folder)
+    """The seeded inputs of a case (checked by `check_cases`)."""
+    return make_inputs(*CASES[case])
 
 
 _built = {}
 
 
 def kernel_ops(case, checked=None, preallocated=True):
-    """``(inputs, out, numbabn_ops)`` of a case, built once per process (`memo`): asv
-    re-runs ``setup`` before every sample, and a fresh ``out`` would page-fault in the
-    timed call."""
+    """``(inputs, out, numbabn_ops)`` of a case, built once per process (`memo`)."""
     def build():
         inp = inputs(case, checked)
         out = np.empty_like(inp["x"]) if preallocated else None
@@ -192,7 +287,10 @@ def kernel_ops(case, checked=None, preallocated=True):
 
 
 class Kernels:
-    """Kernel time with ``out=`` preallocated, so allocation is not timed."""
+    """ms per call of each kernel with ``out=`` preallocated (allocation not timed),
+    timed in turns with a copy of the same bytes in ``setup_cache`` (`measure_kernels`,
+    best of `KERNEL_REPEAT` runs). Absolute times: they move with the machine's load;
+    `BandwidthFloor`'s ratios from the same turns do not."""
 
     params = [ALL_CASES]
     param_names = ["case"]
@@ -200,21 +298,26 @@ class Kernels:
 
     setup_cache = staticmethod(check_cases)
 
-    def setup(self, _, case):
-        self.inp, self.out, self.ops = kernel_ops(case, _)
+    def setup(self, checked, case):
+        self.ms = checked["kernels"][case]["ms"]
 
-    def time_train(self, _, case):
-        self.ops["train"]()
+    def track_ms_train(self, _, case):
+        return self.ms["train"]
 
-    def time_inference(self, _, case):
-        self.ops["inference"]()
+    def track_ms_inference(self, _, case):
+        return self.ms["inference"]
 
-    def time_backward(self, _, case):
-        self.ops["backward"]()
+    def track_ms_backward(self, _, case):
+        return self.ms["backward"]
 
-    def time_stats(self, _, case):
+    def track_ms_stats(self, _, case):
         """The statistics pass alone (half of the training forward's reads)."""
-        self.ops["stats"]()
+        return self.ms["stats"]
+
+    track_ms_train.unit = "ms"
+    track_ms_inference.unit = "ms"
+    track_ms_backward.unit = "ms"
+    track_ms_stats.unit = "ms"
 
 
 class PeakMem:
@@ -266,30 +369,33 @@ class PeakMem:
 class BandwidthFloor:
     """How far each kernel is from moving its bytes at copy bandwidth (1.0 = at it).
 
-    The floor of an operation is ``BYTES_MOVED[op] * x.nbytes / copy bandwidth``, the
-    bandwidth measured in the same benchmark on the same arrays as the faster of
-    ``np.copyto`` and a parallel Numba copy; times are best of 10. The floor is a
-    model: read-heavy operations can beat it slightly (below 1.0), since how a copy's
-    writes reach memory (write-allocate or streaming stores) differs from a kernel's.
+    The floor of an operation is ``BYTES_MOVED[op] * x.nbytes`` at the bandwidth of a
+    copy of ``x`` into the same ``out`` (the faster of ``np.copyto`` and a parallel
+    Numba copy), the copy timed in turns with the kernels in ``setup_cache``
+    (`measure_kernels`): a kernel's time over the floor is a ratio of two times from
+    the same turns, which holds under a drifting load where each alone moves (the suite's
+    gate, ``make bench-gate``, compares such figures). The floor is a model: read-heavy
+    operations can beat it slightly (below 1.0), since how a copy's writes reach memory
+    (write-allocate or streaming stores) differs from a kernel's. The small cases fit in
+    cache: their ratio is to an in-cache copy, and mostly per-call overhead.
+    ``track_floor_ratio_1thread_*``: the kernel on one Numba thread against NumPy's
+    (one-thread) copy, from the same turns: steadier under load (see `measure_kernels`),
+    and what ``make bench-gate`` fails on.
     """
 
-    params = [LARGE_CASES]
+    params = [KERNEL_CASES]
     param_names = ["case"]
     timeout = 300
 
     setup_cache = staticmethod(check_cases)
 
-    def setup(self, _, case):
-        self.inp, self.out, self.ops = kernel_ops(case, _)
+    def setup(self, checked, case):
+        self.result = checked["kernels"][case]
 
-    def _ratio(self, op):
-        # Bandwidth before and after the kernel, the better one: on a shared machine
-        # it drifts, and a drop during one measurement should not move the floor.
-        x = self.inp["x"]
-        before = copy_bandwidth(x, self.out)
-        t = best_of(self.ops[op])
-        bandwidth = max(before, copy_bandwidth(x, self.out))
-        return t / floor_seconds(op, x.nbytes, bandwidth)
+    def _ratio(self, op, threads=""):
+        copy_ms = self.result[f"copy{threads}_ms"]
+        return (self.result["ms" + threads][op]
+                / (BYTES_MOVED[op] / BYTES_MOVED["copy"] * copy_ms))
 
     def track_floor_ratio_train(self, _, case):
         return self._ratio("train")
@@ -300,12 +406,34 @@ class BandwidthFloor:
     def track_floor_ratio_backward(self, _, case):
         return self._ratio("backward")
 
+    def track_floor_ratio_stats(self, _, case):
+        return self._ratio("stats")
+
+    def track_floor_ratio_1thread_train(self, _, case):
+        """On one thread, against NumPy's one-thread copy (what the gate reads)."""
+        return self._ratio("train", "_1thread")
+
+    def track_floor_ratio_1thread_inference(self, _, case):
+        return self._ratio("inference", "_1thread")
+
+    def track_floor_ratio_1thread_backward(self, _, case):
+        return self._ratio("backward", "_1thread")
+
+    def track_floor_ratio_1thread_stats(self, _, case):
+        return self._ratio("stats", "_1thread")
+
     def track_copy_bandwidth(self, _, case):
-        return copy_bandwidth(self.inp["x"], self.out) / 1e9
+        nbytes = self.result["nbytes"]
+        return BYTES_MOVED["copy"] * nbytes / (1e-3 * self.result["copy_ms"]) / 1e9
 
     track_floor_ratio_train.unit = "x floor"
     track_floor_ratio_inference.unit = "x floor"
     track_floor_ratio_backward.unit = "x floor"
+    track_floor_ratio_stats.unit = "x floor"
+    track_floor_ratio_1thread_train.unit = "x floor"
+    track_floor_ratio_1thread_inference.unit = "x floor"
+    track_floor_ratio_1thread_backward.unit = "x floor"
+    track_floor_ratio_1thread_stats.unit = "x floor"
     track_copy_bandwidth.unit = "GB/s"
 
 
@@ -413,10 +541,26 @@ class Peers:
 #: 10^8 (400 MB arrays, ~30 s of input and check a commit) was dropped: 10^7 (40 MB) is
 #: already far out of cache, at copy bandwidth like 10^8 was
 SIZES = [10 ** 3, 10 ** 4, 10 ** 5] if SMALL_RUN else [10 ** k for k in range(4, 8)]
+SCALING_OPS = ("train", "inference", "backward")
 
 
 def _scaling_case(elements):
     return (elements // 100, 100), 1, np.float32
+
+
+def measure_scaling():
+    """``{elements: {op: ms}}`` (setup_cache of `Scaling`): each size checked against
+    float64, then its three kernels timed in turns, best of `KERNEL_REPEAT` runs."""
+    results = {}
+    for elements in SIZES:
+        inp, _ = checked_inputs(*_scaling_case(elements))
+        ops = numbabn_ops(inp, np.empty_like(inp["x"]))
+        t = best_of_interleaved({op: ops[op] for op in SCALING_OPS}, KERNEL_REPEAT)
+        results[elements] = {op: 1e3 * t[op] for op in SCALING_OPS}
+    return results
+
+
+measure_scaling.timeout = 600
 
 
 class Scaling:
@@ -426,39 +570,31 @@ class Scaling:
     thread and the ~50 us of Python around each call dominates; from ~10^6 elements on
     the time grows with the bytes. ``track_gbps_*`` is the bytes the operation must
     move (``_common.BYTES_MOVED``) over its time: flat once bandwidth-bound, and to be
-    read against `BandwidthFloor.track_copy_bandwidth`.
-
-    The float64 check runs once for all sizes, in ``setup_cache`` (asv runs it once and
-    fails every benchmark of the class if it raises), not in each benchmark's process.
+    read against `BandwidthFloor.track_copy_bandwidth`. Measured in ``setup_cache``
+    (`measure_scaling`), after a float64 check of every size.
     """
 
     params = [SIZES]
     param_names = ["elements"]
     timeout = 900
 
-    def setup_cache(self):
-        for elements in SIZES:
-            checked_inputs(*_scaling_case(elements))
-        return SIZES  # not None, so asv passes it on (see `check_cases`)
+    setup_cache = staticmethod(measure_scaling)
 
-    def setup(self, _, elements):
-        def build():
-            inp = make_inputs(*_scaling_case(elements))
-            out = np.empty_like(inp["x"])
-            return inp, out, numbabn_ops(inp, out)
-        self.inp, self.out, self.ops = memo(_built, ("scaling", elements), build)
+    def setup(self, results, elements):
+        self.ms = results[elements]
+        self.nbytes = 4 * elements
 
-    def time_train(self, _, elements):
-        self.ops["train"]()
+    def track_ms_train(self, _, elements):
+        return self.ms["train"]
 
-    def time_inference(self, _, elements):
-        self.ops["inference"]()
+    def track_ms_inference(self, _, elements):
+        return self.ms["inference"]
 
-    def time_backward(self, _, elements):
-        self.ops["backward"]()
+    def track_ms_backward(self, _, elements):
+        return self.ms["backward"]
 
     def _gbps(self, op):
-        return BYTES_MOVED[op] * self.inp["x"].nbytes / best_of(self.ops[op]) / 1e9
+        return BYTES_MOVED[op] * self.nbytes / (1e-3 * self.ms[op]) / 1e9
 
     def track_gbps_train(self, _, elements):
         return self._gbps("train")
@@ -466,6 +602,9 @@ class Scaling:
     def track_gbps_backward(self, _, elements):
         return self._gbps("backward")
 
+    track_ms_train.unit = "ms"
+    track_ms_inference.unit = "ms"
+    track_ms_backward.unit = "ms"
     track_gbps_train.unit = "GB/s"
     track_gbps_backward.unit = "GB/s"
 
@@ -474,65 +613,69 @@ class Threads:
     """1 thread against 2 (``numba.set_num_threads``) on the large 4-D cases.
 
     Results are bitwise the same at any thread count (tests/test_threads.py); only the
-    time changes. ``track_speedup_over_1_thread_*`` is the 1-thread time over this
-    thread count's, measured in turns (1.0 at 1 thread). Needs 2 Numba threads
-    (NUMBA_NUM_THREADS), otherwise skipped.
+    time changes. ``track_ms_*`` at this thread count and
+    ``track_speedup_over_1_thread_*`` (the 1-thread time over this count's; 1.0 at 1
+    thread), the counts timed in turns in ``setup_cache`` (`measure_threads`). Needs 2
+    Numba threads (NUMBA_NUM_THREADS), otherwise skipped.
     """
 
-    params = [["nhwc", "nchw"], [1, 2]]
+    params = [THREAD_CASES, THREAD_COUNTS]
     param_names = ["case", "threads"]
     timeout = 300
 
     setup_cache = staticmethod(check_cases)
 
-    def setup(self, _, case, threads):
-        if numba.config.NUMBA_NUM_THREADS < threads:
-            raise NotImplementedError(f"needs {threads} Numba threads")
-        self.inp, self.out, self.ops = kernel_ops(case, _)
-        self.previous = numba.get_num_threads()
-        numba.set_num_threads(threads)
+    def setup(self, checked, case, threads):
+        if "skip" in checked["threads"]:
+            raise NotImplementedError(checked["threads"]["skip"])
+        self.ms = checked["threads"][case]
 
-    def teardown(self, _, case, threads):
-        numba.set_num_threads(self.previous)
+    def track_ms_train(self, _, case, threads):
+        return self.ms["train"][threads]
 
-    def time_train(self, _, case, threads):
-        self.ops["train"]()
-
-    def time_backward(self, _, case, threads):
-        self.ops["backward"]()
-
-    def _speedup(self, op, threads):
-        def on(n):
-            def run():
-                numba.set_num_threads(n)
-                self.ops[op]()
-            return run
-
-        t = best_of_interleaved({1: on(1), threads: on(threads)})
-        numba.set_num_threads(threads)
-        return t[1] / t[threads]
+    def track_ms_backward(self, _, case, threads):
+        return self.ms["backward"][threads]
 
     def track_speedup_over_1_thread_train(self, _, case, threads):
-        return self._speedup("train", threads)
+        return self.ms["train"][1] / self.ms["train"][threads]
 
     def track_speedup_over_1_thread_backward(self, _, case, threads):
-        return self._speedup("backward", threads)
+        return self.ms["backward"][1] / self.ms["backward"][threads]
 
+    track_ms_train.unit = "ms"
+    track_ms_backward.unit = "ms"
     track_speedup_over_1_thread_train.unit = "x"
     track_speedup_over_1_thread_backward.unit = "x"
 
 
+def measure_first_call():
+    """``{"cold": s, "warm": s}`` (setup_cache of `FirstCall`): a new process's import +
+    first train + backward with an empty kernel cache, then, on the cache that run
+    filled, the best of two more (each a new process). One cold compile a commit: the
+    warm figure used to fill its own cache first, a second compile (~10-15 s)."""
+    with tempfile.TemporaryDirectory(prefix="numbabn-first-call-") as d:
+        cold = first_call_seconds(d)
+        warm = min(first_call_seconds(d) for _ in range(2))
+    return {"cold": cold, "warm": warm}
+
+
+measure_first_call.timeout = 600
+
+
 class FirstCall:
     """Seconds to import numbabn and run a first train + backward in a new process,
-    with an empty kernel cache (everything compiles) and with a populated one."""
+    with an empty kernel cache (everything compiles) and with a populated one
+    (`measure_first_call`)."""
 
     timeout = 600
 
-    def track_first_call_cold(self):
-        return first_call_cold()
+    setup_cache = staticmethod(measure_first_call)
 
-    def track_first_call_warm_cache(self):
-        return first_call_warm()
+    def track_first_call_cold(self, results):
+        return results["cold"]
+
+    def track_first_call_warm_cache(self, results):
+        return results["warm"]
 
     track_first_call_cold.unit = "s"
     track_first_call_warm_cache.unit = "s"

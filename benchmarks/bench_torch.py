@@ -83,6 +83,7 @@ class TorchKernels:
         if "skip" in results:
             raise NotImplementedError(results["skip"])
         self.ms = {op: results["ms"][case][op][impl] for op in KERNEL_OPS}
+        self.torch_ms = {op: results["ms"][case][op]["torch"] for op in KERNEL_OPS}
 
     def track_ms_train(self, results, case, impl):
         """Training-mode forward under no_grad (batch statistics, running update)."""
@@ -95,13 +96,32 @@ class TorchKernels:
         """autograd backward of one training-mode forward, to x, weight and bias."""
         return self.ms["backward"]
 
+    def track_time_over_torch_train(self, results, case, impl):
+        """This implementation's time over ``torch.nn``'s from the same turns (1.0 for
+        torch itself; below 1, numbabn is faster): a ratio that holds under load."""
+        return self.ms["train"] / self.torch_ms["train"]
+
+    def track_time_over_torch_inference(self, results, case, impl):
+        return self.ms["inference"] / self.torch_ms["inference"]
+
+    def track_time_over_torch_backward(self, results, case, impl):
+        return self.ms["backward"] / self.torch_ms["backward"]
+
     track_ms_train.unit = "ms"
     track_ms_inference.unit = "ms"
     track_ms_backward.unit = "ms"
+    track_time_over_torch_train.unit = "x"
+    track_time_over_torch_inference.unit = "x"
+    track_time_over_torch_backward.unit = "x"
 
 
 #: the models' timing: 3 rounds of >= 0.3 s blocks (1 round of single steps when small)
 ROUNDS, MIN_BLOCK = (1, 0.0) if SMALL_RUN else (3, 0.3)
+#: the variants timed per commit: stock and numbabn (all three are checked); the bound
+#: (BN removed, for the BN cost ratio) too with NUMBABN_BENCH_FULL=1 (or when small)
+FULL_RUN = os.environ.get("NUMBABN_BENCH_FULL") == "1"
+TIMED_VARIANTS = ("stock", "numbabn", "no_bn") if FULL_RUN or SMALL_RUN else (
+    "stock", "numbabn")
 
 
 def measure_torch_models():
@@ -112,7 +132,8 @@ def measure_torch_models():
     except NotImplementedError as exc:
         return {"skip": str(exc)}
     use_threads()
-    return {name: measure_torch_model(name, rounds=ROUNDS, min_block=MIN_BLOCK)
+    return {name: measure_torch_model(name, rounds=ROUNDS, min_block=MIN_BLOCK,
+                                      timed=TIMED_VARIANTS)
             for name in MODELS}
 
 
@@ -141,17 +162,11 @@ class TorchModels:
     def track_ms_train_numbabn(self, results, model):
         return self.ms["train"]["numbabn"]
 
-    def track_ms_train_no_bn(self, results, model):
-        return self.ms["train"]["no_bn"]
-
     def track_ms_inference_stock(self, results, model):
         return self.ms["inference"]["stock"]
 
     def track_ms_inference_numbabn(self, results, model):
         return self.ms["inference"]["numbabn"]
-
-    def track_ms_inference_no_bn(self, results, model):
-        return self.ms["inference"]["no_bn"]
 
     def track_speedup_vs_stock_train(self, results, model):
         """stock ms / numbabn ms (above 1: numbabn's model is faster)."""
@@ -160,6 +175,23 @@ class TorchModels:
     def track_speedup_vs_stock_inference(self, results, model):
         return self.ms["inference"]["stock"] / self.ms["inference"]["numbabn"]
 
+    track_ms_train_stock.unit = "ms"
+    track_ms_train_numbabn.unit = "ms"
+    track_ms_inference_stock.unit = "ms"
+    track_ms_inference_numbabn.unit = "ms"
+    track_speedup_vs_stock_train.unit = "x"
+    track_speedup_vs_stock_inference.unit = "x"
+
+
+def _bound_figures():
+    """`TorchModels`' figures of the no-BN bound, when it is timed."""
+
+    def track_ms_train_no_bn(self, results, model):
+        return self.ms["train"]["no_bn"]
+
+    def track_ms_inference_no_bn(self, results, model):
+        return self.ms["inference"]["no_bn"]
+
     def track_bn_cost_ratio_vs_stock_train(self, results, model):
         """(numbabn - no_bn) / (stock - no_bn); NaN if stock - no_bn <= 0 (noise)."""
         return bn_cost_ratio(self.ms, "train")
@@ -167,13 +199,12 @@ class TorchModels:
     def track_bn_cost_ratio_vs_stock_inference(self, results, model):
         return bn_cost_ratio(self.ms, "inference")
 
-    track_ms_train_stock.unit = "ms"
-    track_ms_train_numbabn.unit = "ms"
-    track_ms_train_no_bn.unit = "ms"
-    track_ms_inference_stock.unit = "ms"
-    track_ms_inference_numbabn.unit = "ms"
-    track_ms_inference_no_bn.unit = "ms"
-    track_speedup_vs_stock_train.unit = "x"
-    track_speedup_vs_stock_inference.unit = "x"
-    track_bn_cost_ratio_vs_stock_train.unit = "x"
-    track_bn_cost_ratio_vs_stock_inference.unit = "x"
+    for fn, unit in ((track_ms_train_no_bn, "ms"), (track_ms_inference_no_bn, "ms"),
+                     (track_bn_cost_ratio_vs_stock_train, "x"),
+                     (track_bn_cost_ratio_vs_stock_inference, "x")):
+        fn.unit = unit
+        setattr(TorchModels, fn.__name__, fn)
+
+
+if "no_bn" in TIMED_VARIANTS:
+    _bound_figures()
