@@ -9,7 +9,8 @@ moving-average updates; the optimizer's update of gamma and beta is outside them
 costs the same in every variant), per variant (stock Keras, numbabn's layer, TF's fused
 op), mode and op type; then numbabn's ops per input shape beside what the same shape
 costs alone (numbabn's NumPy API into preallocated outputs, hot caches, best of 5):
-the ratio says how much slower a call runs inside the model than alone.
+the ratio says how much slower a call runs inside the model than alone; and beside both,
+the floor: the bytes those passes must move at the copy bandwidth of the same run.
 
 numbabn's ops run inline on the executor's thread (``IsExpensive`` is false), which
 TensorFlow traces only at the verbose level; they trace themselves (``TraceMe`` in
@@ -41,13 +42,14 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 
 from benchmarks._common import (  # noqa: E402
-    best_of_interleaved, markdown_table, settle_compiled_op,
+    BYTES_MOVED, best_of_interleaved, copy_bandwidth, markdown_table, settle_compiled_op,
 )
 from benchmarks._model_common import (  # noqa: E402
     FULL, MODELS, MODES, bn_layers, build_base, build_variants, make_data,
 )
 
 TRACED = ("stock", "numbabn", "fused")
+KINDS = ("inside", "alone", "floor")  # columns of the per-shape table
 
 
 def _op_events(logdir):
@@ -160,7 +162,15 @@ def alone_ms(shape, axis):
     return {k: 1e3 * v for k, v in t.items()}
 
 
-def report(name, steps):
+def floor_ms(shape, mode, bandwidth):
+    """What one BN layer's passes over a float32 activation of ``shape`` would take at
+    copy ``bandwidth``: train = forward + backward, inference (`BYTES_MOVED`)."""
+    passes = (BYTES_MOVED["train"] + BYTES_MOVED["backward"] if mode == "train"
+              else BYTES_MOVED["inference"])
+    return 1e3 * passes * 4 * np.prod(shape) / bandwidth
+
+
+def report(name, steps, bandwidth):
     profile, shapes = profile_model(name, steps)
     label = MODELS[name]
     rows = []
@@ -184,15 +194,17 @@ def report(name, steps):
         row = [f"{shape} ({axis})", str(len(layers))]
         for mode in MODES:
             inside = sum(profile[("numbabn", mode)]["by_layer"][l] for l in layers)
-            row += [f"{inside:.2f}", f"{len(layers) * alone[mode]:.2f}"]
-            sums[mode, "inside"] += inside
-            sums[mode, "alone"] += len(layers) * alone[mode]
+            cells = {"inside": inside, "alone": len(layers) * alone[mode],
+                     "floor": len(layers) * floor_ms(shape, mode, bandwidth)}
+            row += [f"{cells[kind]:.2f}" for kind in KINDS]
+            for kind in KINDS:
+                sums[mode, kind] += cells[kind]
         rows.append(row)
     rows.append([f"**sum, {label}**", str(len(shapes))] + [
-        f"{sums[mode, kind]:.1f}" for mode in MODES for kind in ("inside", "alone")])
-    print(markdown_table(("input shape (axis)", "layers", "train: in model ms",
-                          "train: alone ms", "inference: in model ms",
-                          "inference: alone ms"), rows))
+        f"{sums[mode, kind]:.1f}" for mode in MODES for kind in KINDS])
+    print(markdown_table(("input shape (axis)", "layers") + tuple(
+        f"{mode}: {kind} ms" for mode in MODES
+        for kind in ("in model", "alone", "floor")), rows))
     print()
     return profile
 
@@ -202,14 +214,19 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--steps", type=int, default=3, help="traced steps per variant")
     args = parser.parse_args(argv)
+    src = np.random.default_rng(0).standard_normal(64 * 56 * 56 * 64, dtype=np.float32)
+    bandwidth = copy_bandwidth(src, np.empty_like(src))
+    del src
     print(f"# BN layers inside whole models: a profiler trace of {args.steps} steps per "
           f"variant (input {FULL['size']}x{FULL['size']}, batch {FULL['batch']})\n")
+    print(f"Copy bandwidth in this run: {bandwidth / 1e9:.1f} GB/s (51 MB)\n")
     for name in args.models:
-        report(name, args.steps)
+        report(name, args.steps, bandwidth)
     print("In model: the BN layers' ops in the trace (numbabn: its forward op, its "
           "gradient op and the moving-average update), per step. Alone: the same shapes "
           "through numbabn's NumPy API with out=, hot caches (train = forward + "
-          "backward).")
+          "backward). Floor: the bytes those passes must move (train: forward 3 + backward "
+          "5 passes over the activation, inference 2) at the copy bandwidth above.")
 
 
 if __name__ == "__main__":
