@@ -41,7 +41,14 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/framework/tensor.h"
+// The profiler's TraceMe where this TensorFlow ships it (2.13 and later); without it the
+// op still builds, untraced.
+#if defined(__has_include)
+#if __has_include("tsl/profiler/lib/traceme.h")
 #include "tsl/profiler/lib/traceme.h"
+#define NUMBABN_TRACEME 1
+#endif
+#endif
 
 namespace {
 
@@ -274,10 +281,14 @@ class NumbabnOp : public OpKernel {
   // verbose level, so without this a model's trace (TensorBoard's profiler, the default
   // host_tracer_level) would not show where numbabn's time goes. Costs one atomic load
   // when no profiler runs.
+#ifdef NUMBABN_TRACEME
   tsl::profiler::TraceMe Trace() const {
     return tsl::profiler::TraceMe(
         [this] { return tsl::profiler::TraceMeOp(name_view(), type_string_view()); });
   }
+#else
+  int Trace() const { return 0; }
+#endif
 
   int axis_;
 };
@@ -288,7 +299,7 @@ class TrainOp : public NumbabnOp {
   using NumbabnOp::NumbabnOp;
 
   void Compute(OpKernelContext* ctx) override {
-    const auto trace = Trace();
+    [[maybe_unused]] const auto trace = Trace();
     const Tensor& x = ctx->input(0);
     const double eps = ctx->input(3).scalar<double>()();
     Blocks b;
@@ -322,7 +333,7 @@ class InferenceOp : public NumbabnOp {
   using NumbabnOp::NumbabnOp;
 
   void Compute(OpKernelContext* ctx) override {
-    const auto trace = Trace();
+    [[maybe_unused]] const auto trace = Trace();
     const Tensor& x = ctx->input(0);
     const double eps = ctx->input(5).scalar<double>()();
     Blocks b;
@@ -350,7 +361,7 @@ class TrainGradOp : public NumbabnOp {
   using NumbabnOp::NumbabnOp;
 
   void Compute(OpKernelContext* ctx) override {
-    const auto trace = Trace();
+    [[maybe_unused]] const auto trace = Trace();
     const Tensor& dy = ctx->input(0);
     const Tensor& x = ctx->input(1);
     OP_REQUIRES(ctx, dy.shape() == x.shape(),
