@@ -81,11 +81,6 @@ class EpochTimer(keras.callbacks.Callback):
         self.start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch == 0:
-            # On a cold cache numbabn's op compiles its parallel entry points in a
-            # background thread while training goes on (serial ones stand in): waiting
-            # here puts all of the JIT into the first epoch's time and none in the others.
-            _native.wait_compiled()
         self.seconds.append(time.perf_counter() - self.start)
 
 

@@ -341,28 +341,18 @@ def test_numbabn_imports_and_runs_without_ml_dtypes(tmp_path):
 @pytest.mark.parametrize("dtype", HALVES, ids=lambda d: d.name)
 @pytest.mark.parametrize("shape, axis", [((8, 5, 5, 16), -1), ((8, 16, 5, 5), 1)])
 def test_c_entry_points_take_half_bits(dtype, shape, axis):
-    """The whole operations are generic, so their C entry points (what a TensorFlow op
-    would call) compile for the bit views too and give the NumPy API's bits."""
-    import ctypes
-
+    """The task functions are generic, so the C entry points (what numbabn's TensorFlow
+    op calls) compile for the bit views too and give the NumPy API's bits, here with
+    the tasks run one per call in reverse order (any split and order merges the same)
+    and the outputs written over their inputs (bfloat16's staged passes too)."""
     from numbabn._half import _VIEW
-    from numbabn._kernels_cpu import c_entry_points
+    from helpers import c_entry_point_ops
 
     x, dy, gamma, beta = _inputs(shape, axis, dtype, seed=9)
-    ax = axis % x.ndim
-    outer, C = int(np.prod(shape[:ax])), shape[ax]
-    inner = int(np.prod(shape[ax + 1:]))
-    ep = c_entry_points(_VIEW[dtype.name].name)
-    P, I = ctypes.c_void_p, ctypes.c_int64
-    train = ctypes.CFUNCTYPE(None, P, P, P, P, P, P, P, I, I, I, ctypes.c_double)(ep["train"])
-    backward = ctypes.CFUNCTYPE(None, P, P, P, P, P, P, P, P, I, I, I)(ep["backward"])
-    y, dx = np.empty_like(x), np.empty_like(x)
-    mean, var, invstd, dgamma, dbeta = (np.empty(C) for _ in range(5))
-    train(x.ctypes.data, y.ctypes.data, gamma.ctypes.data, beta.ctypes.data,
-          mean.ctypes.data, var.ctypes.data, invstd.ctypes.data, outer, C, inner, EPS)
-    backward(dy.ctypes.data, x.ctypes.data, dx.ctypes.data, gamma.ctypes.data,
-             mean.ctypes.data, invstd.ctypes.data, dgamma.ctypes.data, dbeta.ctypes.data,
-             outer, C, inner)
+    train, backward = c_entry_point_ops(_VIEW[dtype.name].name, shape, axis, step=-1,
+                                        in_place=True)
+    y, mean, var, invstd = train(x, gamma, beta, EPS)
+    dx, dgamma, _ = backward(dy, x, gamma, mean, invstd)
     want_y, stats = nbn.batch_norm_train(x, gamma, beta, axis)
     want_dx, want_dgamma, _ = nbn.batch_norm_backward(dy, x, gamma, stats, axis)
     np.testing.assert_array_equal(bits(y), bits(want_y))

@@ -19,6 +19,7 @@ import pytest
 import keras_helpers as kh  # noqa: F401 - sets TensorFlow's log level first
 import tensorflow as tf
 
+import numbabn as nbn
 from keras_layer import _bridge, _native
 
 CASES = [((6, 5), 1), ((4, 5, 6, 3), 3), ((4, 3, 5, 6), 1), ((3, 4, 5, 6, 2), 4),
@@ -124,9 +125,7 @@ def _pool_cached_mb():
 @pytest.mark.parametrize("shape,calls", [((32, 8, 8, 16), 10_000), ((32, 32, 32, 16), 1000)],
                          ids=["TensorFlow's allocator", "pooled"])
 def test_memory_stays_bounded_over_many_calls(shape, calls):
-    # with a cold Numba cache the parallel entry points may still be compiling in the
-    # background (LLVM's memory would count as growth here)
-    assert _native.load() is not None and _native.wait_compiled(timeout=900)
+    assert _native.load() is not None
     x = tf.constant(np.random.default_rng(6).standard_normal(shape), tf.float32)
     layer = kh.OURS()
     layer.build(x.shape)
@@ -369,28 +368,43 @@ def test_entry_points_register_per_dtype_on_first_use():
     assert "float64" in _native._state["registered"]
 
 
-def test_serial_twins_stand_in_until_the_parallel_entry_points_arrive():
-    """The parallel entry points compile in the background (`_native._register`); until
-    one is handed over, the op runs its serial twin on large inputs too, with the same
-    bits. Simulated by clearing the parallel train slot of float32 and restoring it."""
-    from numbabn import _kernels_cpu
+@pytest.mark.parametrize("shape, axis", [((64, 40, 40, 8), 3), ((16, 8, 40, 40), 1),
+                                         ((48, 8, 3, 3), 1)])
+def test_the_ops_give_the_same_bits_on_one_thread_and_on_tensorflows_pool(shape, axis):
+    """Large inputs run their tasks on TensorFlow's intra-op pool, small ones on the
+    calling thread (``numbabn_set_serial_below``): forced both ways, every output of the
+    three ops is the same bits (the split into tasks is the shape's, merged in order)."""
+    from numbabn import config
 
     ops = _native.load()
-    assert ops is not None and _native.wait_compiled(timeout=900)
-    lib, slot = _native._state["lib"], _native._SLOTS.index("train_float32")
-    address = _kernels_cpu.c_entry_points("float32")["train"]
-    x = tf.constant(np.random.default_rng(7).standard_normal((64, 40, 40, 8), np.float32))
-    g = tf.constant(np.linspace(0.5, 1.5, 8))
-    b = tf.constant(np.linspace(-1, 1, 8))
+    assert ops is not None
+    lib = _native._state["lib"]
+    rng = np.random.default_rng(7)
+    x = tf.constant((rng.standard_normal(shape) * 2 + 100).astype(np.float32))
+    dy = tf.constant(rng.standard_normal(shape).astype(np.float32))
+    C = shape[axis]
+    g = tf.constant(np.linspace(0.5, 1.5, C))
+    b = tf.constant(np.linspace(-1, 1, C))
     eps = tf.constant(1e-3, tf.float64)
-    parallel = [t.numpy() for t in ops.numbabn_train(x, g, b, eps, axis=3)]
-    assert lib.numbabn_set_entry(slot, None) == 0
+
+    def run():
+        y, mean, var, invstd = ops.numbabn_train(x, g, b, eps, axis=axis)
+        dx, dg, db = ops.numbabn_train_grad(dy, x, mean, invstd, g, axis=axis)
+        yi = ops.numbabn_inference(x, g, b, g, b + 2.0, eps, axis=axis)
+        return [t.numpy() for t in (y, mean, var, invstd, dx, dg, db, yi)]
+
     try:
-        serial = [t.numpy() for t in ops.numbabn_train(x, g, b, eps, axis=3)]
+        lib.numbabn_set_serial_below(0)
+        pooled = run()
+        lib.numbabn_set_serial_below(2 ** 62)
+        serial = run()
     finally:
-        assert lib.numbabn_set_entry(slot, address) == 0
-    for p, s in zip(parallel, serial):
+        lib.numbabn_set_serial_below(config.SERIAL_BELOW)
+    want_y, stats = nbn.batch_norm_train(x.numpy(), g.numpy(), b.numpy(), axis)
+    for p, s in zip(pooled, serial):
         np.testing.assert_array_equal(p, s)
+    np.testing.assert_array_equal(pooled[0], want_y)
+    np.testing.assert_array_equal(pooled[2], stats.var)
 
 
 def test_a_profiler_trace_attributes_the_ops_to_their_layer(tmp_path):

@@ -85,3 +85,34 @@ def test_serial_twins_equal_the_parallel_kernels(case, dtype, monkeypatch):
     assert len(ran) == 7
     for a, b in zip(serial, parallel):
         _bits_equal(a, b)
+
+
+_ELEMENTS = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64",
+             np.dtype(np.float16): "uint16"}
+
+
+@pytest.mark.parametrize("case", CASES + [((2000, 40), -1), ((4, 3, 300, 200), 1),
+                                          ((64, 8, 10, 10), 1), ((64, 10, 10, 8), 3)],
+                         ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("step, in_place", [(1, False), (-1, False), (1, True)],
+                         ids=["in order", "reversed", "in place"])
+def test_c_entry_points_equal_the_whole_operations(case, dtype, step, in_place):
+    """numbabn's TensorFlow op runs the passes' tasks through the C entry points on
+    TensorFlow's thread pool, in any split and order: one task per call, in order or
+    reversed, gives the NumPy API's bits (several tasks per pass in the added cases:
+    rows, runs longer than a chunk, short runs); so do outputs written over their input
+    (the op's in-place calls, compiled apart: ``_kernels_cpu._into``)."""
+    from helpers import c_entry_point_ops
+
+    shape, axis = case
+    x, dy, gamma, beta = make_inputs(shape, axis, dtype, seed=13, loc=50.0)
+    train, backward = c_entry_point_ops(_ELEMENTS[np.dtype(dtype)], shape, axis, step,
+                                        in_place)
+    y, mean, var, invstd = train(x, gamma, beta, 1e-3)
+    dx, dgamma, dbeta = backward(dy, x, gamma, mean, invstd)
+    want_y, stats = nbn.batch_norm_train(x, gamma, beta, axis=axis, eps=1e-3)
+    want = nbn.batch_norm_backward(dy, x, gamma, stats, axis=axis)
+    for got, expected in zip((y, mean, var, invstd, dx, dgamma, dbeta),
+                             (want_y, *stats, *want)):
+        _bits_equal(got, expected)

@@ -2,8 +2,9 @@
 
 ``numbabn_ops.cc`` defines three CPU ops (``NumbabnTrain``, ``NumbabnInference``,
 ``NumbabnTrainGrad``) whose kernels call numbabn's Numba-compiled C entry points
-(``numbabn._kernels_cpu.c_entry_points``) on buffers TensorFlow allocates: no Python, no
-GIL and no fresh pages per call, where ``tf.numpy_function`` has all three (see
+(``numbabn._kernels_cpu.c_entry_points``) on buffers TensorFlow allocates, running their
+tasks on TensorFlow's intra-op thread pool: no Python, no GIL, no fresh pages and no
+second thread pool per call, where ``tf.numpy_function`` has all four (see
 ``keras_layer/_bridge``).
 
 The library is compiled once per TensorFlow version and source (``make test`` and
@@ -11,9 +12,8 @@ The library is compiled once per TensorFlow version and source (``make test`` an
 ``tf.sysconfig``'s flags, into ``NUMBABN_OP_DIR``, ``~/.cache/numbabn`` or a temporary
 folder where that is not writable (`_root`). `load` returns
 ``None``, and the layer keeps the ``tf.numpy_function`` bridge, with one note saying why,
-when the op cannot be used: no compiler, a failed build, ``NUMBABN_TF_OP=0`` in the
-environment, or Numba's non-thread-safe ``workqueue`` threading layer (TensorFlow runs
-ops from several threads at once, and only the Python bridge can serialize them).
+when the op cannot be used: no compiler, a failed build, or ``NUMBABN_TF_OP=0`` in the
+environment.
 """
 
 import ctypes
@@ -29,13 +29,12 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("numbabn_ops.cc")
 
-#: ``numbabn_set_entry`` slots, in the order of ``enum Slot`` in numbabn_ops.cc.
-#: float16 and bfloat16 run the entry points compiled on their bits (uint16, int16).
-_OPERATIONS = ("train_float32", "inference_float32", "backward_float32",
-               "train_float64", "inference_float64", "backward_float64",
-               "train_float16", "inference_float16", "backward_float16",
-               "train_bfloat16", "inference_bfloat16", "backward_bfloat16")
-_SLOTS = _OPERATIONS + tuple("serial_" + name for name in _OPERATIONS)
+#: ``numbabn_set_entry`` slots, in the order of ``enum Slot`` and ``ElementEntry`` in
+#: numbabn_ops.cc: the element-free entry points, then each element type's.
+_COMMON = ("plan", "train_coeffs", "norm_coeffs", "grad_coeffs")
+_PER_ELEMENT = ("stats", "affine", "grad_sums", "grad_input")
+_SLOTS = _COMMON + tuple(f"{name}_{dtype}" for dtype in
+                         ("float32", "float64", "float16", "bfloat16") for name in _PER_ELEMENT)
 
 _lock = threading.Lock()
 _state = {}  # "ops": the loaded module or None; "why": the reason it is None
@@ -110,16 +109,6 @@ def build(quiet=False):
     return path
 
 
-def _thread_safe_layer():
-    """Start Numba's threading layer; return its name if TensorFlow's threads may call
-    the parallel kernels concurrently (tbb, omp), else None."""
-    import numba
-
-    numba.get_num_threads()  # launches the threading layer
-    layer = numba.threading_layer()
-    return layer if layer in ("tbb", "omp") else None
-
-
 #: the entry points each tensor dtype runs: float16 and bfloat16 run those compiled on
 #: their bits
 _ENTRY_DTYPES = {"float32": "float32", "float64": "float64", "float16": "uint16",
@@ -128,57 +117,28 @@ _ENTRY_DTYPES = {"float32": "float32", "float64": "float64", "float16": "uint16"
 
 def _register(lib, dtype):
     """Compile (or load from Numba's cache) ``dtype``'s entry points and hand them to the
-    library: the serial twins now, the parallel versions in a background thread.
-
-    With a cold cache each set takes ~15 s (a dtype's entry points, ~30 s, were once all
-    compiled at load: a fresh `make demo` spent its first epoch compiling). Until the
-    parallel set is handed over, the op runs the serial twins for every input (the same
-    code and order of sums, so the same bits; only slower on large inputs). So only
-    float32 is registered at load and the others on first use (`ensure`), before any op
-    of theirs can run. The background thread is not a daemon: a process that ends
-    sooner waits for it rather than tearing LLVM down under it."""
+    library. With a cold cache a set takes ~10 s (float32's, with the element-free ones),
+    so only float32 is registered at load and the others on first use (`ensure`), before
+    any op of theirs can run."""
     from numbabn import _kernels_cpu
 
-    _hand_over(lib, dtype, _kernels_cpu.c_entry_points(_ENTRY_DTYPES[dtype], parallel=False))
-    _state["registered"].add(dtype)
-
-    def parallel():
-        try:
-            _hand_over(lib, dtype, _kernels_cpu.c_entry_points(_ENTRY_DTYPES[dtype]))
-        except Exception as exc:  # noqa: BLE001 - the serial twins keep working
-            warnings.warn(f"keras_layer: the parallel {dtype} entry points of numbabn's "
-                          f"TensorFlow op failed to compile ({exc!r}); its serial ones "
-                          "run every input", RuntimeWarning, stacklevel=1)
-
-    thread = threading.Thread(target=parallel, name=f"numbabn-compile-{dtype}")
-    _state["compiling"][dtype] = thread
-    thread.start()
-
-
-def _hand_over(lib, dtype, addresses):
     lib.numbabn_set_entry.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    for name, address in addresses.items():
-        entry = f"{name}_{dtype}"
-        if lib.numbabn_set_entry(_SLOTS.index(entry), address) != 0:
-            raise RuntimeError(f"the op library rejected entry point {entry}")
+    for name, address in _kernels_cpu.c_entry_points(_ENTRY_DTYPES[dtype]).items():
+        slot = name if name in _COMMON else f"{name}_{dtype}"
+        if lib.numbabn_set_entry(_SLOTS.index(slot), address) != 0:
+            raise RuntimeError(f"the op library rejected entry point {slot}")
+    _state["registered"].add(dtype)
 
 
 def wait_compiled(timeout=None):
-    """Wait until every registered dtype's parallel entry points are handed over (or
-    ``timeout`` seconds); whether they all are. Nothing needs it for correct results."""
-    threads = list(_state.get("compiling", {}).values())
-    for thread in threads:
-        thread.join(timeout)
-    return not any(thread.is_alive() for thread in threads)
+    """True: the entry points are compiled before an op of their dtype can run. (Kept for
+    callers of earlier releases, which compiled parallel versions in the background.)"""
+    return True
 
 
 def _load():
     if os.environ.get("NUMBABN_TF_OP", "1") == "0":
         return None, "NUMBABN_TF_OP=0 is set"
-    layer = _thread_safe_layer()
-    if layer is None:
-        return None, ("Numba's threading layer is not thread-safe (install tbb, or make "
-                      "OpenMP available)")
     try:
         path = build()
     except (RuntimeError, OSError) as exc:
@@ -191,7 +151,7 @@ def _load():
     lib = ctypes.CDLL(str(path))  # the same library: dlopen returns the loaded one
     lib.numbabn_set_serial_below.argtypes = [ctypes.c_int64]
     lib.numbabn_set_serial_below(config.SERIAL_BELOW)
-    _state["lib"], _state["registered"], _state["compiling"] = lib, set(), {}
+    _state["lib"], _state["registered"] = lib, set()
     _register(lib, "float32")  # graphs restored without tracing (SavedModels) run at once
     return ops, None
 

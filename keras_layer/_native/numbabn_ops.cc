@@ -3,16 +3,19 @@
 //
 // Why an op and not tf.numpy_function: a numpy_function call takes the GIL, runs Python
 // and hands TensorFlow an array it did not allocate (fresh pages on every call). Here a
-// call is a few C++ lines around one call of a compiled function: outputs come from
+// call is a few C++ lines around calls of compiled functions: outputs come from
 // TensorFlow's allocator (reused memory), an output may take over its input's buffer
 // when nothing else reads it, and no Python runs.
 //
-// The entry points' addresses are handed over by keras_layer/_native (numbabn_set_entry;
-// the serial twins at load, the parallel versions from a background compile, which the
-// serial twins stand in for until then): each operation in a parallel version and a serial twin (the same
-// code compiled without Numba's thread pool), which inputs under
-// numbabn.config.SERIAL_BELOW elements run, as numbabn's Python API does: waking a
-// second thread costs more than it saves there, and the twin never touches the pool.
+// The entry points' addresses are handed over by keras_layer/_native (numbabn_set_entry).
+// They are numbabn's whole operations taken apart (see "C entry points" in
+// numbabn/_kernels_cpu.py): each pass split into the tasks of its Numba prange loop,
+// the split fixed by the shape. The op runs a pass's tasks on TensorFlow's intra-op
+// thread pool (RunTasks; inputs under numbabn.config.SERIAL_BELOW elements on the
+// calling thread) and merges the partial results in task order in one call: the NumPy
+// API's bits on any number of threads. Numba's own thread pool is never used here: as a
+// second pool on the cores TensorFlow's pool had just used (and whose threads were still
+// spinning), it made the op's kernels 2-4x slower inside a model step than alone.
 // Per-channel vectors are converted to float64 here: the entry points take float64.
 // float16 (Eigen::half) and bfloat16 tensors go to the entry points compiled on their
 // 16-bit patterns (c_entry_points("uint16") / ("int16"): the same 2-byte elements, read
@@ -30,10 +33,13 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -41,6 +47,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/framework/tensor.h"
+#include "tsl/platform/threadpool.h"
 // The profiler's TraceMe where this TensorFlow ships it (2.13 and later); without it the
 // op still builds, untraced.
 #if defined(__has_include)
@@ -62,25 +69,33 @@ using tensorflow::TensorShape;
 namespace errors = tensorflow::errors;
 namespace shape_inference = tensorflow::shape_inference;
 
-// Slots of numbabn_set_entry; keep in step with _SLOTS in keras_layer/_native/__init__.py.
-enum Slot {
-  kTrainF32, kInferenceF32, kBackwardF32,
-  kTrainF64, kInferenceF64, kBackwardF64,
-  kTrainF16, kInferenceF16, kBackwardF16,
-  kTrainBF16, kInferenceBF16, kBackwardBF16,
-  kSerial,  // kSerial + slot: the serial twin of slot
-  kSlots = 2 * kSerial
-};
+// Slots of numbabn_set_entry; keep in step with _SLOTS in keras_layer/_native/__init__.py:
+// the element-free entry points, then four per element type (float32, float64, float16
+// bits, bfloat16 bits), in the order of numbabn/_kernels_cpu.py's C entry points.
+enum Slot { kPlan, kTrainCoeffs, kNormCoeffs, kGradCoeffs, kFirstElementSlot };
+enum ElementEntry { kStats, kAffine, kGradSums, kGradInput, kPerElementType };
+constexpr int kSlots = kFirstElementSlot + 4 * kPerElementType;
 
 std::atomic<void*> g_entries[kSlots];
 std::atomic<int64_t> g_serial_below{1 << 19};
 
-using TrainFn = void (*)(const void*, void*, const double*, const double*, double*, double*,
-                         double*, int64_t, int64_t, int64_t, double);
-using InferenceFn = void (*)(const void*, void*, const double*, const double*, const double*,
-                             const double*, int64_t, int64_t, int64_t, double);
-using BackwardFn = void (*)(const void*, const void*, void*, const double*, const double*,
-                            const double*, double*, double*, int64_t, int64_t, int64_t);
+using PlanFn = void (*)(int64_t, int64_t, int64_t, int64_t*);
+using StatsFn = void (*)(const void*, int64_t, int64_t, int64_t, int64_t, int64_t, double*,
+                         double*, double*);
+using TrainCoeffsFn = void (*)(const double*, const double*, const double*, int64_t, int64_t,
+                               const double*, double, double*, double*, double*, double*);
+using NormCoeffsFn = void (*)(const double*, int64_t, double, const double*, double*,
+                              double*);
+using AffineFn = void (*)(const void*, void*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                          const double*, const double*, const double*);
+using GradSumsFn = void (*)(const void*, const void*, int64_t, int64_t, int64_t, int64_t,
+                            int64_t, const double*, double*, double*);
+using GradCoeffsFn = void (*)(const double*, const double*, int64_t, int64_t, int64_t,
+                              const double*, const double*, double*, double*, double*,
+                              double*, double*);
+using GradInputFn = void (*)(const void*, const void*, void*, int64_t, int64_t, int64_t,
+                             int64_t, int64_t, const double*, const double*, const double*,
+                             const double*);
 
 // ------------------------------------------------------------------- the buffer pool
 
@@ -230,32 +245,39 @@ Status Float64Vector(const Tensor& t, const char* name, int64_t channels) {
   return Status();
 }
 
-// The slots of element type T: train, inference and backward follow one another.
-template <typename T> struct Slots;
-template <> struct Slots<float> { static constexpr int kFirst = kTrainF32; };
-template <> struct Slots<double> { static constexpr int kFirst = kTrainF64; };
-template <> struct Slots<Eigen::half> { static constexpr int kFirst = kTrainF16; };
-template <> struct Slots<Eigen::bfloat16> { static constexpr int kFirst = kTrainBF16; };
+// The element type's index among the entry point sets.
+template <typename T> struct ElementIndex;
+template <> struct ElementIndex<float> { static constexpr int kValue = 0; };
+template <> struct ElementIndex<double> { static constexpr int kValue = 1; };
+template <> struct ElementIndex<Eigen::half> { static constexpr int kValue = 2; };
+template <> struct ElementIndex<Eigen::bfloat16> { static constexpr int kValue = 3; };
+
+// The entry points an op of element type T calls.
+struct Entries {
+  PlanFn plan;
+  StatsFn stats;
+  TrainCoeffsFn train_coeffs;
+  NormCoeffsFn norm_coeffs;
+  AffineFn affine;
+  GradSumsFn grad_sums;
+  GradCoeffsFn grad_coeffs;
+  GradInputFn grad_input;
+};
 
 template <typename T>
-constexpr Slot TrainSlot() { return static_cast<Slot>(Slots<T>::kFirst); }
-template <typename T>
-constexpr Slot InferenceSlot() { return static_cast<Slot>(Slots<T>::kFirst + 1); }
-template <typename T>
-constexpr Slot BackwardSlot() { return static_cast<Slot>(Slots<T>::kFirst + 2); }
-
-// The entry point of ``slot`` for an input of ``size`` elements: its serial twin below the
-// threshold, or while the parallel version is not handed over yet.
-template <typename Fn>
-Status Entry(Slot slot, int64_t size, Fn* fn) {
-  const int index = size < g_serial_below.load() ? kSerial + slot : slot;
-  *fn = reinterpret_cast<Fn>(g_entries[index].load());
-  if (*fn == nullptr && index == slot) {
-    // the parallel version is still compiling (in the background, keras_layer/_native):
-    // its serial twin computes the same bits
-    *fn = reinterpret_cast<Fn>(g_entries[kSerial + slot].load());
-  }
-  if (*fn == nullptr) {
+Status GetEntries(Entries* e) {
+  const int first = kFirstElementSlot + ElementIndex<T>::kValue * kPerElementType;
+  auto at = [](int slot) { return g_entries[slot].load(); };
+  e->plan = reinterpret_cast<PlanFn>(at(kPlan));
+  e->train_coeffs = reinterpret_cast<TrainCoeffsFn>(at(kTrainCoeffs));
+  e->norm_coeffs = reinterpret_cast<NormCoeffsFn>(at(kNormCoeffs));
+  e->grad_coeffs = reinterpret_cast<GradCoeffsFn>(at(kGradCoeffs));
+  e->stats = reinterpret_cast<StatsFn>(at(first + kStats));
+  e->affine = reinterpret_cast<AffineFn>(at(first + kAffine));
+  e->grad_sums = reinterpret_cast<GradSumsFn>(at(first + kGradSums));
+  e->grad_input = reinterpret_cast<GradInputFn>(at(first + kGradInput));
+  if (!e->plan || !e->train_coeffs || !e->norm_coeffs || !e->grad_coeffs || !e->stats ||
+      !e->affine || !e->grad_sums || !e->grad_input) {
     return errors::FailedPrecondition(
         "numbabn's TensorFlow op has no entry points for this dtype yet; load it through "
         "keras_layer._native.load(), and call keras_layer._native.ensure(dtype) before "
@@ -263,6 +285,30 @@ Status Entry(Slot slot, int64_t size, Fn* fn) {
         "at load)");
   }
   return Status();
+}
+
+// Uninitialized float64 scratch: partial results and per-channel coefficients.
+using Scratch = std::unique_ptr<double[]>;
+Scratch NewScratch(int64_t n) { return Scratch(new double[std::max<int64_t>(n, 1)]); }
+
+// Runs fn(t0, t1) over the tasks [0, n) of a pass over `elements` elements: on the
+// calling thread below numbabn.config.SERIAL_BELOW elements (waking a thread costs more
+// than it saves there), else on TensorFlow's intra-op thread pool (the pool TensorFlow's
+// own CPU kernels use, sized by tf.config.threading), in shards of whole tasks. Each task
+// writes its own partial result or elements, and the partial results are merged in task
+// order afterwards: the same bits however the tasks are shared out.
+void RunTasks(OpKernelContext* ctx, int64_t elements, int64_t n,
+              const std::function<void(int64_t, int64_t)>& fn) {
+  const auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  if (n <= 1 || elements < g_serial_below.load() || workers->num_threads <= 1) {
+    fn(0, n);
+    return;
+  }
+  // ~4 shards per thread: a thread still busy with another op's work does not hold the
+  // pass up, and a shard (tens of tasks of >= 32768 elements) dwarfs its scheduling
+  const int64_t block = std::max<int64_t>(1, n / (4 * int64_t{workers->num_threads}));
+  workers->workers->ParallelFor(n, tsl::thread::ThreadPool::SchedulingParams::Fixed(block),
+                                fn);
 }
 
 // What the three ops share: the channel axis attribute, and running inline.
@@ -273,7 +319,7 @@ class NumbabnOp : public OpKernel {
   }
 
   // Run on the executor's own thread: handing the op to the inter-op pool costs a
-  // thread switch per call, and the op parallelizes itself where that pays.
+  // thread switch per call; the op hands its large passes to the intra-op pool itself.
   bool IsExpensive() override { return false; }
 
  protected:
@@ -312,8 +358,8 @@ class TrainOp : public NumbabnOp {
     std::vector<double> gamma, beta;
     OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(1), "gamma", b.channels, &gamma, true, 1.0));
     OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(2), "beta", b.channels, &beta, true, 0.0));
-    TrainFn fn;
-    OP_REQUIRES_OK(ctx, Entry(TrainSlot<T>(), x.NumElements(), &fn));
+    Entries e;
+    OP_REQUIRES_OK(ctx, GetEntries<T>(&e));
 
     Tensor *y, *mean, *var, *invstd;
     OP_REQUIRES_OK(ctx, FullSizeOutput(ctx, 0, 0, x, &y));
@@ -321,9 +367,23 @@ class TrainOp : public NumbabnOp {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, cs, &mean));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, cs, &var));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, cs, &invstd));
-    fn(x.flat<T>().data(), y->flat<T>().data(), gamma.data(), beta.data(),
-       mean->flat<double>().data(), var->flat<double>().data(), invstd->flat<double>().data(),
-       b.outer, b.channels, b.inner, eps);
+    const int64_t C = b.channels, n = x.NumElements();
+    int64_t sizes[3];
+    e.plan(b.outer, C, b.inner, sizes);
+    const int64_t parts = sizes[1];
+    Scratch counts = NewScratch(parts), pmean = NewScratch(parts * C),
+            pm2 = NewScratch(parts * C), scale = NewScratch(C);
+    const T* xp = x.flat<T>().data();
+    T* yp = y->flat<T>().data();
+    double* m = mean->flat<double>().data();
+    RunTasks(ctx, n, sizes[0], [&](int64_t t0, int64_t t1) {
+      e.stats(xp, b.outer, C, b.inner, t0, t1, counts.get(), pmean.get(), pm2.get());
+    });
+    e.train_coeffs(counts.get(), pmean.get(), pm2.get(), parts, C, gamma.data(), eps, m,
+                   var->flat<double>().data(), invstd->flat<double>().data(), scale.get());
+    RunTasks(ctx, n, sizes[2], [&](int64_t t0, int64_t t1) {
+      e.affine(xp, yp, b.outer, C, b.inner, t0, t1, m, scale.get(), beta.data());
+    });
   }
 };
 
@@ -344,14 +404,22 @@ class InferenceOp : public NumbabnOp {
     OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(3), "moving_mean", b.channels, &mm));
     OP_REQUIRES_OK(ctx,
                    ChannelVector<P>(ctx->input(4), "moving_variance", b.channels, &mv));
-    InferenceFn fn;
-    OP_REQUIRES_OK(ctx, Entry(InferenceSlot<T>(), x.NumElements(), &fn));
+    Entries e;
+    OP_REQUIRES_OK(ctx, GetEntries<T>(&e));
 
     Tensor* y;
     OP_REQUIRES_OK(ctx, FullSizeOutput(ctx, 0, 0, x, &y));
     if (x.NumElements() == 0) return;  // an empty batch normalizes to itself
-    fn(x.flat<T>().data(), y->flat<T>().data(), gamma.data(), beta.data(), mm.data(),
-       mv.data(), b.outer, b.channels, b.inner, eps);
+    const int64_t C = b.channels;
+    int64_t sizes[3];
+    e.plan(b.outer, C, b.inner, sizes);
+    Scratch invstd = NewScratch(C), scale = NewScratch(C);
+    e.norm_coeffs(mv.data(), C, eps, gamma.data(), invstd.get(), scale.get());
+    const T* xp = x.flat<T>().data();
+    T* yp = y->flat<T>().data();
+    RunTasks(ctx, x.NumElements(), sizes[2], [&](int64_t t0, int64_t t1) {
+      e.affine(xp, yp, b.outer, C, b.inner, t0, t1, mm.data(), scale.get(), beta.data());
+    });
   }
 };
 
@@ -374,21 +442,37 @@ class TrainGradOp : public NumbabnOp {
     OP_REQUIRES_OK(ctx, Float64Vector(ctx->input(3), "invstd", b.channels));
     std::vector<double> gamma;
     OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(4), "gamma", b.channels, &gamma, true, 1.0));
-    BackwardFn fn;
-    OP_REQUIRES_OK(ctx, Entry(BackwardSlot<T>(), x.NumElements(), &fn));
+    Entries e;
+    OP_REQUIRES_OK(ctx, GetEntries<T>(&e));
 
     Tensor *dx, *dgamma, *dbeta;
     OP_REQUIRES_OK(ctx, FullSizeOutput(ctx, 0, 0, x, &dx));
     const TensorShape cs({b.channels});
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, cs, &dgamma));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, cs, &dbeta));
-    std::vector<double> dg(b.channels), db(b.channels);
-    fn(dy.flat<T>().data(), x.flat<T>().data(), dx->flat<T>().data(), gamma.data(),
-       ctx->input(2).flat<double>().data(), ctx->input(3).flat<double>().data(), dg.data(),
-       db.data(), b.outer, b.channels, b.inner);
+    const int64_t C = b.channels, n = x.NumElements();
+    int64_t sizes[3];
+    e.plan(b.outer, C, b.inner, sizes);
+    const int64_t parts = sizes[1];
+    Scratch p1 = NewScratch(parts * C), p2 = NewScratch(parts * C), dg = NewScratch(C),
+            db = NewScratch(C), k_dy = NewScratch(C), mean_dy = NewScratch(C),
+            k_x = NewScratch(C);
+    const T* dyp = dy.flat<T>().data();
+    const T* xp = x.flat<T>().data();
+    T* dxp = dx->flat<T>().data();
+    const double* mean = ctx->input(2).flat<double>().data();
+    RunTasks(ctx, n, sizes[0], [&](int64_t t0, int64_t t1) {
+      e.grad_sums(dyp, xp, b.outer, C, b.inner, t0, t1, mean, p1.get(), p2.get());
+    });
+    e.grad_coeffs(p1.get(), p2.get(), parts, C, b.count(), ctx->input(3).flat<double>().data(),
+                  gamma.data(), dg.get(), db.get(), k_dy.get(), mean_dy.get(), k_x.get());
+    RunTasks(ctx, n, sizes[2], [&](int64_t t0, int64_t t1) {
+      e.grad_input(dyp, xp, dxp, b.outer, C, b.inner, t0, t1, mean, k_dy.get(),
+                   mean_dy.get(), k_x.get());
+    });
     auto g = dgamma->flat<P>();
     auto s = dbeta->flat<P>();
-    for (int64_t c = 0; c < b.channels; ++c) {
+    for (int64_t c = 0; c < C; ++c) {
       g(c) = static_cast<P>(dg[c]);
       s(c) = static_cast<P>(db[c]);
     }
