@@ -35,6 +35,18 @@ def _output(out, x, layout):
     return y, blocks(y, layout), out
 
 
+def _in_place(view, out, first, first_view):
+    """What the kernel writes: None where ``out`` is its input ``first`` (``out=x``) and
+    ``first_view`` is that array's own view (not a copy `prepare` made), else ``view``.
+    With None the whole operations write through their input, compiled for one buffer:
+    LLVM vectorizes that loop, while for the same buffer passed twice its runtime overlap
+    check fails and the scalar loop runs (see ``_kernels_cpu._into``). Both views come
+    from `blocks` of the same array and layout, so sharing memory means being equal."""
+    if out is first and view is not None and np.may_share_memory(view, first_view):
+        return None
+    return view
+
+
 def _finish(y, copy_to):
     if copy_to is None:
         return y
@@ -59,7 +71,7 @@ def train(x, axis, gamma, beta, eps, out=None):
     kernel = (k.train_rows if layout.is_rows else
               k.train_short if k.short_runs(xv, xv.shape[2]) else k.train_planes)
     run_kernel(kernel, x.size, xv, _ones(gamma, C), _zeros(beta, C), eps, mean, var, invstd,
-               yv)
+               _in_place(yv, out, x, xv))
     return _finish(y, copy_to), mean, var, invstd
 
 
@@ -70,7 +82,7 @@ def inference(x, axis, gamma, beta, moving_mean, moving_var, eps, out=None):
     C = layout.channels
     kernel = k.inference_rows if layout.is_rows else k.inference_planes
     run_kernel(kernel, x.size, xv, _ones(gamma, C), _zeros(beta, C), moving_mean, moving_var,
-               eps, yv)
+               eps, _in_place(yv, out, x, xv))
     return _finish(y, copy_to)
 
 
@@ -84,7 +96,8 @@ def backward(dy, x, axis, gamma, mean, invstd, out=None):
     kernel = (k.backward_rows if layout.is_rows else
               k.backward_short if k.short_runs(xv, xv.shape[2]) and k.short_runs(
                   dyv, dyv.shape[2]) else k.backward_planes)
-    run_kernel(kernel, x.size, dyv, xv, _ones(gamma, C), mean, invstd, dxv, dgamma, dbeta)
+    run_kernel(kernel, x.size, dyv, xv, _ones(gamma, C), mean, invstd,
+               _in_place(dxv, out, dy, dyv), dgamma, dbeta)
     return _finish(dx, copy_to), dgamma, dbeta
 
 

@@ -105,3 +105,40 @@ def test_lists_are_accepted_as_input():
     y, stats = nbn.batch_norm_train([[1.0, 2.0], [3.0, 5.0]])
     np.testing.assert_allclose(stats.mean, [2.0, 3.5])
     assert y.dtype == np.float64
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape, axis", [((64, 40, 40, 8), -1), ((16, 8, 40, 40), 1),
+                                         ((4, 3, 5, 7), 1)])
+def test_in_place_gives_the_bits_of_a_separate_output(shape, axis, dtype, monkeypatch):
+    """``out=x`` (and ``out=dy``) run the kernels compiled for one buffer
+    (``_cpu._in_place``), parallel ones included (the first two shapes are over
+    ``config.SERIAL_BELOW``): the same bits as into a separate array."""
+    from numbabn import _cpu
+
+    one_buffer = []
+
+    def spy(view, out, first, first_view):
+        got = in_place(view, out, first, first_view)
+        one_buffer.append(got is None)
+        return got
+
+    in_place = _cpu._in_place
+    monkeypatch.setattr(_cpu, "_in_place", spy)
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal(shape) * 3 + 40).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    g, b = rng.standard_normal(C), rng.standard_normal(C)
+    y, stats = nbn.batch_norm_train(x, g, b, axis=axis)
+    yi = nbn.batch_norm_inference(x, g, b, stats.mean, stats.var, axis=axis)
+    dx = nbn.batch_norm_backward(dy, x, g, stats, axis=axis)[0]
+    x1, x2, dy1 = x.copy(), x.copy(), dy.copy()
+    y1, stats1 = nbn.batch_norm_train(x1, g, b, axis=axis, out=x1)
+    yi1 = nbn.batch_norm_inference(x2, g, b, stats.mean, stats.var, axis=axis, out=x2)
+    dx1 = nbn.batch_norm_backward(dy1, x, g, stats, axis=axis, out=dy1)[0]
+    assert y1 is x1 and yi1 is x2 and dx1 is dy1
+    # the three calls without out= and the three with it, in that order
+    assert one_buffer == [False] * 3 + [dtype != np.float16] * 3  # float16: bit views
+    for got, want in ((y1, y), (yi1, yi), (dx1, dx), (stats1.var, stats.var)):
+        assert got.tobytes() == want.tobytes()
