@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # benchmarks/) against each commit's numbabn/ and keras_layer/ in this environment
 # (benchmarks/asv_commits.sh). The whole suite takes 5.4-6.6 min a commit on the 2-core
 # machine shared with other work at load ~2-2.5 (325-394 s, 2026-12-01; N=2 took 680 s),
-# ~8.5 min at load 3.3, so N=10 is ~1 hour at load ~2.4 (README, "Performance history");
+# ~8.5 min at load 3.3; N=10 took 65 min from a fresh clone at load ~1.3 (README, "Performance history");
 # BENCH narrows it; NUMBABN_BENCH_FULL=1 adds ResNet50 and the models' fused and no-BN
 # variants (~+2 min).
 N ?= 10
