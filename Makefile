@@ -70,8 +70,13 @@ demo-torch: $(VENV)/.demo-torch
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python demo/lenet_digits_torch.py
 
 ## test: the whole test suite
+# on TEST_WORKERS processes (pytest-xdist; worksteal: the long tests are uneven). Most of a
+# fresh clone's test time is Numba compiling kernels cold, one core a process: on the
+# 2-core machine the suite took 16 min 29 s in one process and 10 min 52 s in two, cold
+# cache both (2026-12-01); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 ## bench: kernel, Keras-layer, PyTorch-module and whole-model (ResNet50, MobileNetV2, with a profiler trace of their BN layers; LeNet, ResNet-18 in PyTorch) speed tables (floor, TensorFlow's fused kernel, stock layer, torch.nn)
 bench: $(VENV)/.bench
