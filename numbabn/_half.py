@@ -59,6 +59,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from ._cache import lock_saves
+
 
 def _hardware_half():
     """Whether LLVM lowers half <-> float conversions to instructions on this CPU
@@ -387,3 +389,7 @@ def narrow_block(t, y):
     if block_rare(y):
         for i in range(t.size):
             y[i] = narrow(t[i], y.dtype)
+
+
+# every cached function above saves to Numba's cache under a lock (see numbabn._cache)
+lock_saves(globals().values())

@@ -39,6 +39,7 @@ from numba import carray, cfunc, njit, prange, types
 from numba.extending import overload
 from numpy.lib.stride_tricks import as_strided
 
+from . import _cache
 from ._half import narrow, narrow_block, staged_dtype, widen
 from .config import CHUNK_ELEMENTS, LANES, MAX_CHUNKS, SHORT_RUN
 
@@ -1129,7 +1130,9 @@ def c_entry_points(dtype):
     compiled (or loaded from Numba's cache) on first use; the functions stay alive as long
     as the process. A dtype's set takes ~10 s to compile with a cold cache."""
     dtype = str(dtype)
-    with _entry_lock:
+    # cfunc compiles and saves to the cache as it is created: under the cache's lock
+    # (see numbabn._cache); a process that waited for it then loads what was saved
+    with _entry_lock, _cache.locked(_cache.cache_path(row_tasks)):
         for key, entries in (("common", _COMMON_ENTRIES),
                              (dtype, _element_entries(getattr(types, dtype)))):
             if key not in _entry_points:
@@ -1138,3 +1141,7 @@ def c_entry_points(dtype):
                     for name, (body, signature) in entries.items()}
         return {name: f.address for key in ("common", dtype)
                 for name, f in _entry_points[key].items()}
+
+
+# every cached function above saves to Numba's cache under a lock (see numbabn._cache)
+_cache.lock_saves([*globals().values(), *_SERIAL_NAMESPACE.values()])

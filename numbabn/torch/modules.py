@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import _cache
 from . import _bridge, _ops
 
 
@@ -25,6 +26,9 @@ def _moving_update(running_mean, running_var, mean, var, factor, bessel):
     for c in range(mean.shape[0]):
         running_mean[c] = np.float64(running_mean[c]) * keep + mean[c] * factor
         running_var[c] = np.float64(running_var[c]) * keep + (var[c] * bessel) * factor
+
+
+_cache.lock_saves([_moving_update])  # see numbabn._cache
 
 
 def _member(module, members, name):
