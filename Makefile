@@ -17,7 +17,7 @@ BENCH ?=
 ASV_BENCH := $(if $(BENCH),-b "$(BENCH)",)
 # the gate's base: where HEAD left main (main itself may have moved on since)
 GATE_BASE ?= $$(git merge-base main HEAD)
-ASV_COMMITS := ASV=$(BIN)/asv PYTHON=$(BIN)/python ASV_ARGS='$(ASV_BENCH)' benchmarks/asv_commits.sh
+ASV_COMMITS := ASV=$(BIN)/asv ASV_ARGS='$(ASV_BENCH)' benchmarks/asv_commits.sh
 # the PyTorch the test environment gets, installed before numbabn[torch] so that pip keeps
 # it: an exact version whose CPU-only wheel pip finds locally here; a looser spec lets pip
 # pick the default build from PyPI, a multi-GB CUDA one on Linux. Elsewhere, e.g.

@@ -6,16 +6,12 @@
 # dependencies are this environment's for every commit, so a history shows what the
 # code changed, not what a new TensorFlow did; no per-commit virtualenv is built
 # (asv's own way takes ~5 min a commit to install TensorFlow and PyTorch). Each commit
-# compiles its kernels afresh (its own Numba cache), as a user's first run would: first
-# in two processes side by side (benchmarks/precompile.py: both cores compile), then
-# asv's processes load them (what asv times never included compiling; FirstCall's cold
-# figure compiles in a cache of its own).
+# compiles its kernels afresh (its own Numba cache), as a user's first run would.
 #
 #   benchmarks/asv_commits.sh COMMIT...        (SKIP_EXISTING=1: skip commits with results)
 #   ASV_ARGS="-b Peers" benchmarks/asv_commits.sh HEAD   (extra `asv run` arguments)
 set -e
 ASV=${ASV:-asv}
-PYTHON=${PYTHON:-python}
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/numbabn-asv-XXXXXX")
 trap 'rm -rf "$tmp"' EXIT INT TERM
 for c in "$@"; do
@@ -29,13 +25,6 @@ for c in "$@"; do
     git archive "$hash" numbabn keras_layer | tar -x -C "$src"
     echo "== $c ($hash) $(date -u +%H:%M:%S)"
     start=$(date +%s)
-    # this tree's precompile.py on the commit's code; a failure only leaves the
-    # compiling to asv's processes
-    PYTHONPATH="$src" "$PYTHON" benchmarks/precompile.py 0 & p0=$!
-    PYTHONPATH="$src" "$PYTHON" benchmarks/precompile.py 1 & p1=$!
-    wait $p0 || true
-    wait $p1 || true
-    echo "== $c: compiled in $(( $(date +%s) - start )) s"
     # shellcheck disable=SC2086
     ASV_PYTHONPATH="$src" OMP_WAIT_POLICY=PASSIVE "$ASV" run --python=same --show-stderr \
         --set-commit-hash "$hash" $ASV_ARGS

@@ -146,17 +146,3 @@ def test_conv_bn_report_checks_every_variant_against_stock():
                                     calls=1)
         assert set(ms) == set(conv_bn_report.VARIANTS) and all(v > 0 for v in ms.values())
 
-
-def test_precompile_covers_the_kernel_cases_once():
-    """benchmarks/precompile.py compiles each commit's kernels before asv times it: its
-    parts must name every case bench_kernels runs (a renamed case would silently compile
-    later, in asv's process), each once, and only cases that exist."""
-    from benchmarks import bench_kernels, precompile
-    from benchmarks._common import CASES
-
-    jobs = [job for part in precompile.PARTS for job in part]
-    assert len(precompile.PARTS) == 2 and len(jobs) == len(set(jobs))
-    cases = set(jobs) - {"op"}
-    assert "op" in jobs
-    assert set(bench_kernels.KERNEL_CASES) | set(bench_kernels.PEER_CASES) <= cases
-    assert cases <= set(CASES) | {"nhwc-bf16"}  # bfloat16 only with ml_dtypes
