@@ -55,14 +55,23 @@ def locked(cache_path):
             finally:
                 _depth[cache_path] -= 1
             return
-        os.makedirs(cache_path, exist_ok=True)
-        with open(os.path.join(cache_path, LOCK_NAME), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            os.makedirs(cache_path, exist_ok=True)
+            lock = open(os.path.join(cache_path, LOCK_NAME), "a")
+        except OSError:  # a folder Numba writes but this file not: save as Numba would
+            lock = None
+        try:
+            if lock is not None:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                except OSError:  # a file system without locks: save as Numba would
+                    pass
             _depth[cache_path] = 1
-            try:
-                yield
-            finally:
-                _depth[cache_path] = 0
+            yield
+        finally:
+            _depth[cache_path] = 0
+            if lock is not None:
+                lock.close()
 
 
 def cache_path(fn):

@@ -87,3 +87,14 @@ def test_the_lock_is_reentrant_in_a_process(tmp_path):
             pass
         assert _cache._depth[str(tmp_path)] == 1
     assert _cache._depth[str(tmp_path)] == 0
+
+
+def test_a_folder_without_a_lock_file_saves_as_numba_would(tmp_path):
+    """If the lock file cannot be made, the save goes on unlocked instead of failing
+    the compile (here the "folder" is a file)."""
+    not_a_folder = tmp_path / "plain_file"
+    not_a_folder.write_text("")
+    ran = []
+    with _cache.locked(str(not_a_folder)):
+        ran.append(True)
+    assert ran == [True] and _cache._depth[str(not_a_folder)] == 0
