@@ -14,11 +14,17 @@ after ``make bench-history``::
 
 Needs matplotlib (``pip install ".[bench]"``). Commits are ordered by commit date; a
 commit that lacks a benchmark (older than it) has no point there.
+
+``--spread OTHER_RESULTS`` prints the noise instead: for the commits both result folders
+hold (two runs of the same code), max/min of each headline figure between the runs, its
+median and worst over those commits, and the median and 90th percentile over every
+figure (no matplotlib needed).
 """
 
 import argparse
 import itertools
 import json
+import statistics
 from pathlib import Path
 
 SPEEDUP_STOCK = "speed-up over stock Keras (x)"
@@ -142,14 +148,49 @@ def on_branch(commits, branch):
     return kept
 
 
+def spread(first, second):
+    """Lines describing how far the figures of the commits in both ``load`` results
+    moved between the two runs (max/min per commit and figure)."""
+    common = sorted(set(first) & set(second), key=lambda c: first[c][0])
+    if not common:
+        return ["no commit has results in both"]
+
+    def ratios(keys):
+        out = []
+        for commit in common:
+            a, b = first[commit][1], second[commit][1]
+            for key in keys(a, b):
+                x, y = a.get(key), b.get(key)
+                if isinstance(x, (int, float)) and isinstance(y, (int, float)) and x > 0 < y:
+                    out.append(max(x, y) / min(x, y))
+        return sorted(out)
+
+    lines = [f"{len(common)} commits in both runs: {' '.join(common)}",
+             "figure: max/min between the runs, median and worst over those commits"]
+    for panel, bench, param, label, _ in map(_series, SERIES):
+        r = ratios(lambda a, b: [(bench, param)])
+        if r:
+            lines.append(f"  {panel} | {label}: {statistics.median(r):.2f}x, {r[-1]:.2f}x")
+    every = ratios(lambda a, b: set(a) & set(b))
+    lines.append(f"all {len(every)} figure pairs: median {statistics.median(every):.2f}x, "
+                 f"90th percentile {every[int(0.9 * (len(every) - 1))]:.2f}x")
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=".asv/results")
     parser.add_argument("--out", default="benchmarks/history.png")
     parser.add_argument("--branch", default="main",
                         help="plot only commits this branch contains ('' for all)")
+    parser.add_argument("--spread", metavar="OTHER_RESULTS",
+                        help="print how far each figure moved against another run's "
+                             "results of the same commits, instead of plotting")
     args = parser.parse_args(argv)
     commits = load(args.results)
+    if args.spread:
+        print("\n".join(spread(commits, load(args.spread))))
+        return
     if args.branch:
         commits = on_branch(commits, args.branch)
     if not commits:

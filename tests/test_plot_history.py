@@ -38,3 +38,18 @@ def test_history_png_from_asv_results(tmp_path):
     out = tmp_path / "history.png"
     plot_history.main(["--results", str(tmp_path / "results"), "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_spread_between_two_runs_of_the_same_commits(tmp_path, capsys):
+    for run, speedup in (("one", 4.0), ("two", 5.0)):
+        machine = tmp_path / run / "machine-a"
+        machine.mkdir(parents=True)
+        (machine / "machine.json").write_text("{}")
+        _result_file(machine, "aaaaaaaa", 1, speedup, 1.2)
+    _result_file(tmp_path / "two" / "machine-a", "bbbbbbbb", 2, 9.0, 1.0)  # one run only
+    plot_history.main(["--results", str(tmp_path / "one"), "--spread", str(tmp_path / "two")])
+    out = capsys.readouterr().out
+    assert "1 commits in both runs: aaaaaaaa" in out
+    assert "layer, train step: 1.25x, 1.25x" in out  # 5.0 / 4.0
+    assert "train NHWC: 1.00x, 1.00x" in out
+    assert "all 4 figure pairs: median 1.00x" in out
