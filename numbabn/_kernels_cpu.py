@@ -124,12 +124,18 @@ def row_tasks(R, rows_per_task):
 
 
 @njit(**_OPTS)
+def task_rows(k, rows_per_task, R):
+    """Rows ``[r0, r1)`` of task ``k`` of a rows pass over ``R`` rows (`row_tasks`)."""
+    r0 = k * rows_per_task
+    return r0, min(R, r0 + rows_per_task)
+
+
+@njit(**_OPTS)
 def stats_rows_task(x, k, rows_per_task, counts, pmean, pm2):
     """Task ``k`` of `stats_rows`: its (count, mean, M2) into ``counts[k]``, ``pmean[k]``
     and ``pm2[k]``."""
     R, C = x.shape
-    r0 = k * rows_per_task
-    r1 = min(R, r0 + rows_per_task)
+    r0, r1 = task_rows(k, rows_per_task, R)
     s1 = pmean[k]
     s2 = pm2[k]
     s1[:] = 0.0
@@ -267,13 +273,12 @@ def stats_short_runs(x2, I, rows_per_task, mean, var):
     """
     O, CI = x2.shape
     C = CI // I
-    ntasks = (O + rows_per_task - 1) // rows_per_task
+    ntasks = row_tasks(O, rows_per_task)
     counts = np.empty(ntasks)
     pmean = np.empty((ntasks, C))
     pm2 = np.empty((ntasks, C))
     for k in range(ntasks):
-        r0 = k * rows_per_task
-        r1 = min(O, r0 + rows_per_task)
+        r0, r1 = task_rows(k, rows_per_task, O)
         s1 = np.zeros(CI)
         s2 = np.zeros(CI)
         shift = np.empty(CI)
@@ -310,12 +315,11 @@ def grad_sums_short_runs(dy2, x2, I, rows_per_task, mean, sum_dy, sum_dy_xmu):
     whole-row tasks, each channel's I columns added per task, tasks added in order."""
     O, CI = x2.shape
     C = CI // I
-    ntasks = (O + rows_per_task - 1) // rows_per_task
+    ntasks = row_tasks(O, rows_per_task)
     p1 = np.empty((ntasks, C))
     p2 = np.empty((ntasks, C))
     for k in range(ntasks):
-        r0 = k * rows_per_task
-        r1 = min(O, r0 + rows_per_task)
+        r0, r1 = task_rows(k, rows_per_task, O)
         s1 = np.zeros(CI)
         s2 = np.zeros(CI)
         m = _per_column(mean, I)
@@ -359,8 +363,8 @@ def affine_rows(x, rows_per_task, center, scale, offset, y):
 @njit(**_OPTS)
 def affine_rows_task(x, k, rows_per_task, center, scale, offset, y):
     """Task ``k`` of `affine_rows`: its block of rows."""
-    r0 = k * rows_per_task
-    _affine_rows_block(x, r0, min(x.shape[0], r0 + rows_per_task), center, scale, offset, y)
+    r0, r1 = task_rows(k, rows_per_task, x.shape[0])
+    _affine_rows_block(x, r0, r1, center, scale, offset, y)
 
 
 # The elementwise passes' task bodies are functions of their own, in two versions: the
@@ -577,8 +581,7 @@ def grad_sums_rows(dy, x, rows_per_task, mean, sum_dy, sum_dy_xmu):
 def grad_sums_rows_task(dy, x, k, rows_per_task, mean, p1, p2):
     """Task ``k`` of `grad_sums_rows`: its rows' sums into ``p1[k]`` and ``p2[k]``."""
     R, C = x.shape
-    r0 = k * rows_per_task
-    r1 = min(R, r0 + rows_per_task)
+    r0, r1 = task_rows(k, rows_per_task, R)
     s1 = p1[k]
     s2 = p2[k]
     s1[:] = 0.0
@@ -646,9 +649,8 @@ def grad_input_rows(dy, x, rows_per_task, mean, k_dy, mean_dy, k_x, dx):
 @njit(**_OPTS)
 def grad_input_rows_task(dy, x, k, rows_per_task, mean, k_dy, mean_dy, k_x, dx):
     """Task ``k`` of `grad_input_rows`: its block of rows."""
-    r0 = k * rows_per_task
-    _grad_input_rows_block(dy, x, r0, min(x.shape[0], r0 + rows_per_task), mean, k_dy,
-                           mean_dy, k_x, dx)
+    r0, r1 = task_rows(k, rows_per_task, x.shape[0])
+    _grad_input_rows_block(dy, x, r0, r1, mean, k_dy, mean_dy, k_x, dx)
 
 
 @njit(**_OPTS)
