@@ -38,13 +38,14 @@ _depth = {}  # cache folder -> how deep this process holds its lock (see `locked
 
 @contextlib.contextmanager
 def locked(cache_path):
-    """Hold the exclusive lock of the Numba cache folder ``cache_path``, reentrantly.
+    """Hold the exclusive lock of the Numba cache folder ``cache_path`` (None: no lock),
+    reentrantly.
 
     Taken under Numba's compiler lock, which every compile and save holds already: so
     one thread of this process at a time gets here, in one lock order (Numba's, then
     this), and a save nested in a compile that holds this lock (the C entry points')
     does not open the file again, whose second ``flock`` would wait for the first."""
-    if fcntl is None:
+    if fcntl is None or cache_path is None:
         yield
         return
     with global_compiler_lock:
@@ -75,8 +76,9 @@ def locked(cache_path):
 
 
 def cache_path(fn):
-    """The cache folder of a cached Numba dispatcher ``fn``."""
-    return _cache_file(fn)._cache_path
+    """The cache folder of a cached Numba dispatcher ``fn``; None where this Numba keeps
+    it elsewhere (then `locked` does not lock)."""
+    return getattr(_cache_file(fn), "_cache_path", None)
 
 
 def lock_saves(objects):

@@ -98,3 +98,11 @@ def test_a_folder_without_a_lock_file_saves_as_numba_would(tmp_path):
     with _cache.locked(str(not_a_folder)):
         ran.append(True)
     assert ran == [True] and _cache._depth[str(not_a_folder)] == 0
+
+
+def test_an_unknown_cache_folder_means_no_lock():
+    """A Numba whose dispatchers keep their cache elsewhere: `cache_path` is None and the
+    C entry points are still created (unlocked), not refused."""
+    assert _cache.cache_path(len) is None
+    with _cache.locked(None):
+        pass
