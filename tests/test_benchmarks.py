@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,3 +147,58 @@ def test_conv_bn_report_checks_every_variant_against_stock():
                                     calls=1)
         assert set(ms) == set(conv_bn_report.VARIANTS) and all(v > 0 for v in ms.values())
 
+
+
+def test_best_of_interleaved_counts_repeat_runs_of_each_function():
+    from benchmarks._common import best_of_interleaved
+
+    calls = {"slow": 0, "fast": 0}
+
+    def slow():  # slower than min_seconds: its sizing call is a whole run
+        calls["slow"] += 1
+        time.sleep(0.002)
+
+    def fast():
+        calls["fast"] += 1
+
+    t = best_of_interleaved({"slow": slow, "fast": fast}, repeat=3, min_seconds=0.001)
+    assert calls["slow"] == 1 + 3  # warm-up, then 3 runs (the sizing call the first)
+    assert calls["fast"] > 2 + 3
+    assert t["slow"] >= 0.002 and 0 < t["fast"] < t["slow"]
+    calls["slow"] = 0
+    best_of_interleaved({"slow": slow}, repeat=3, min_seconds=0.001, warm=True)
+    assert calls["slow"] == 3
+
+
+def test_asv_commits_shares_one_extraction_between_commits_with_the_same_code(tmp_path):
+    """Commits with the same numbabn/ and keras_layer/ run from one extracted copy (one
+    Numba cache); a copy no later commit needs is removed."""
+    repo = tmp_path / "repo"
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    commits = []
+    for i, (code, readme) in enumerate([("a", "1"), ("a", "2"), ("b", "2"), ("a", "3")]):
+        for folder in ("numbabn", "keras_layer"):
+            (repo / folder).mkdir(exist_ok=True)
+            (repo / folder / "x.py").write_text(code)
+        (repo / "README").write_text(readme)
+        subprocess.run(git + ["add", "-A"], check=True)
+        subprocess.run(git + ["commit", "-q", "-m", str(i)], check=True)
+        commits.append(subprocess.run(git + ["rev-parse", "HEAD"], check=True,
+                                      capture_output=True, text=True).stdout.strip())
+    fake_asv = tmp_path / "asv"
+    log = tmp_path / "log"
+    # records the folder each run imports, what is in it, and the extracted copies
+    fake_asv.write_text(f'#!/bin/sh\necho "$ASV_PYTHONPATH $(cat "$ASV_PYTHONPATH/numbabn/x.py")'
+                        f' $(ls "$(dirname "$ASV_PYTHONPATH")" | wc -l)" >> {log}\n')
+    fake_asv.chmod(0o755)
+    proc = subprocess.run(["sh", str(ROOT / "benchmarks" / "asv_commits.sh"), *commits],
+                          cwd=repo, capture_output=True, text=True,
+                          env=dict(os.environ, ASV=str(fake_asv), TMPDIR=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    runs = [line.split() for line in log.read_text().splitlines()]
+    assert [r[1] for r in runs] == ["a", "a", "b", "a"]
+    assert runs[0][0] == runs[1][0] == runs[3][0] != runs[2][0]
+    assert [int(r[2]) for r in runs] == [1, 1, 2, 1]  # b's copy gone once b has run
+    assert proc.stdout.count("same numbabn/ and keras_layer/") == 2
+    assert not any(p.name.startswith("numbabn-asv-") for p in tmp_path.iterdir())
