@@ -17,6 +17,9 @@ BENCH ?=
 ASV_BENCH := $(if $(BENCH),-b "$(BENCH)",)
 # the gate's base: where HEAD left main (main itself may have moved on since)
 GATE_BASE ?= $$(git merge-base main HEAD)
+# where bench-gate keeps the two commits' extracted, compiled code (absolute: asv's
+# ASV_PYTHONPATH must be); benchmarks/ab_gate.py looks there
+GATE_CODE := $(CURDIR)/.asv/code
 ASV_COMMITS := ASV=$(BIN)/asv ASV_ARGS='$(ASV_BENCH)' benchmarks/asv_commits.sh
 # the PyTorch the test environment gets, installed before numbabn[torch] so that pip keeps
 # it: an exact version whose CPU-only wheel pip finds locally here; a looser spec lets pip
@@ -97,19 +100,22 @@ bench-history: $(HOME)/.asv-machine.json
 	$(BIN)/python benchmarks/plot_history.py --out benchmarks/history.png
 	@echo "Report in .asv/html; browse it with: $(BIN)/asv preview"
 
-## bench-gate: the whole suite on HEAD's merge base with main, then on HEAD; fails when a gated figure is worse by more than FACTOR
-# Gates (benchmarks/gate.py) on each kernel's time on one thread over NumPy's copy of the
-# same bytes timed in the same turns (bandwidth-bound cases) and on peak memory, not on
-# absolute times, which the load of the shared machine moved by 20-80 % between runs of
-# the same code, nor on the speed-ups over the peers (up to 2.6x); every other figure
-# that moved is listed for information. Between two runs of the same code the gated figures moved by at most
-# 1.48x, and a kernel doing its pass twice read 1.6-2.3x in every case that runs it.
-# Two whole-suite runs: ~12.5 min at load ~2.
+## bench-gate: the whole suite on HEAD's merge base with main, then on HEAD; then the two commits' kernels against each other in turns; fails when one is slower (or a call's peak memory larger) by more than FACTOR
+# benchmarks/gate.py compares the two runs' asv results and gates peak memory (and figures
+# gone missing: a kernel failing its float64 check); every other figure that moved is
+# listed for information. benchmarks/ab_gate.py then loads both commits' numbabn into one
+# process, from the copies the two runs extracted and compiled (GATE_CODE; a branch whose
+# numbabn/ is main's compiles once), and times every kernel of both on the same arrays in
+# turns, on 1 and 2 threads: main against main moved by at most 1.24x, a kernel doing its
+# pass twice read 1.94-2.20x in every case that runs it (2026-12-01, README).
 bench-gate: $(HOME)/.asv-machine.json
-	$(ASV_COMMITS) $(GATE_BASE)
+	rm -rf $(GATE_CODE)
+	CODE_ROOT=$(GATE_CODE) $(ASV_COMMITS) $(GATE_BASE)
 	cp "$$(ls -t .asv/results/*/$$(git rev-parse --short=8 $(GATE_BASE))-*.json | head -1)" .asv/gate-base.json
-	$(ASV_COMMITS) HEAD
-	$(BIN)/python benchmarks/gate.py .asv/gate-base.json HEAD --factor $(FACTOR)
+	CODE_ROOT=$(GATE_CODE) $(ASV_COMMITS) HEAD
+	$(BIN)/python benchmarks/gate.py .asv/gate-base.json HEAD --factor $(FACTOR); gate=$$?; \
+	$(BIN)/python benchmarks/ab_gate.py $(GATE_BASE) HEAD --factor $(FACTOR) --code $(GATE_CODE); ab=$$?; \
+	rm -rf $(GATE_CODE); [ $$gate = 0 ] && [ $$ab = 0 ]
 
 ## bench-check: asv check, and every benchmark run once at a small size (in `make test` too)
 bench-check: $(VENV)/.test

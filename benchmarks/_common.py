@@ -4,6 +4,7 @@ asv imports every module of this package while it discovers benchmarks, so nothi
 may be named ``time_*``, ``track_*``, ``peakmem_*`` or ``mem_*``.
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -271,21 +272,26 @@ def check_full(name, got, want_fn, ref, tol):
         check_close(name, got[s], want_fn(s), tol)
 
 
-def numbabn_ops(inp, out):
+def numbabn_ops(inp, out, lib=None):
     """Zero-argument callables running each kernel on ``inp``, writing into ``out``.
 
     ``out=None`` gives the allocating calls. (``out`` also takes the forward output
     computed here for the backward's statistics, to add no full-size allocation.)
+    ``lib``: the numbabn package to call (``ab_gate.py`` loads two commits' side by
+    side), by default the one imported as ``numbabn``.
     """
     x, dy, g, beta, axis = inp["x"], inp["dy"], inp["gamma"], inp["beta"], inp["axis"]
     mm, mv = inp["moving_mean"], inp["moving_var"]
-    _, stats = nbn.batch_norm_train(x, g, beta, axis, EPS, out=out)
+    lib = lib or nbn
+    moments = (batch_moments if lib is nbn else
+               importlib.import_module(lib.__name__ + ".stages").batch_moments)
+    _, stats = lib.batch_norm_train(x, g, beta, axis, EPS, out=out)
     return {
-        "train": lambda: nbn.batch_norm_train(x, g, beta, axis, EPS, out=out),
-        "inference": lambda: nbn.batch_norm_inference(x, g, beta, mm, mv, axis, EPS,
+        "train": lambda: lib.batch_norm_train(x, g, beta, axis, EPS, out=out),
+        "inference": lambda: lib.batch_norm_inference(x, g, beta, mm, mv, axis, EPS,
                                                       out=out),
-        "backward": lambda: nbn.batch_norm_backward(dy, x, g, stats, axis, out=out),
-        "stats": lambda: batch_moments(x, axis)[1:],  # (mean, var)
+        "backward": lambda: lib.batch_norm_backward(dy, x, g, stats, axis, out=out),
+        "stats": lambda: moments(x, axis)[1:],  # (mean, var)
     }
 
 

@@ -13,6 +13,9 @@
 #
 #   benchmarks/asv_commits.sh COMMIT...        (SKIP_EXISTING=1: skip commits with results)
 #   ASV_ARGS="-b Peers" benchmarks/asv_commits.sh HEAD   (extra `asv run` arguments)
+#   CODE_ROOT=.asv/code benchmarks/asv_commits.sh COMMIT...   (keep the extracted copies
+#       there, each also named by its commit's full hash: `make bench-gate`'s A/B step,
+#       benchmarks/ab_gate.py, runs the two commits' kernels from them, compiled)
 set -e
 ASV=${ASV:-asv}
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/numbabn-asv-XXXXXX")
@@ -31,13 +34,16 @@ for c in "$@"; do
         echo "== $c ($hash): results exist, skipped"
         continue
     fi
-    src="$tmp/$code"
+    src="${CODE_ROOT:-$tmp}/$code"
     if [ -d "$src" ]; then
         reuse=" (same numbabn/ and keras_layer/ as a commit before: its compiled kernels)"
     else
         reuse=""
         mkdir -p "$src"
         git archive "$hash" numbabn keras_layer | tar -x -C "$src"
+    fi
+    if [ -n "$CODE_ROOT" ]; then
+        ln -sfn "$code" "$CODE_ROOT/$hash"
     fi
     echo "== $c ($hash) $(date -u +%H:%M:%S)$reuse"
     start=$(date +%s)
@@ -47,6 +53,6 @@ for c in "$@"; do
     echo "== $c: $(( $(date +%s) - start )) s (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
     case " $codes " in
         *" $code "*) ;;  # a later commit runs the same code
-        *) rm -rf "$src" ;;
+        *) [ -n "$CODE_ROOT" ] || rm -rf "$src" ;;
     esac
 done

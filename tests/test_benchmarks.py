@@ -4,9 +4,12 @@ import importlib.util
 import json
 import os
 import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
+
+import numba
 
 ROOT = Path(__file__).resolve().parent.parent
 #: bench_torch's classes skip where PyTorch is not installed (it is an optional extra)
@@ -202,3 +205,52 @@ def test_asv_commits_shares_one_extraction_between_commits_with_the_same_code(tm
     assert [int(r[2]) for r in runs] == [1, 1, 2, 1]  # b's copy gone once b has run
     assert proc.stdout.count("same numbabn/ and keras_layer/") == 2
     assert not any(p.name.startswith("numbabn-asv-") for p in tmp_path.iterdir())
+
+
+def _ab_gate():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import ab_gate
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return ab_gate
+
+
+def test_ab_gate_times_two_numbabns_in_turns_on_the_same_arrays_and_fails_a_slower_head(
+        tmp_path):
+    """This numbabn loaded twice side by side (from a copy: its own kernel cache), the
+    second's inference made ~3x slower: only its inference timings fail."""
+    ab_gate = _ab_gate()
+    shutil.copytree(ROOT / "numbabn", tmp_path / "numbabn",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    base, head = (ab_gate.load(name, tmp_path) for name in ("numbabn_t_base", "numbabn_t_head"))
+    assert base.batch_norm_train is not head.batch_norm_train
+    seen, real = [], head.batch_norm_inference
+
+    def slow(x, *args, **kwargs):
+        seen.append(x)
+        for _ in range(2):
+            real(x, *args, **kwargs)
+        return real(x, *args, **kwargs)
+
+    head.batch_norm_inference = slow
+    results = ab_gate.measure([base, head], ["small"], 3)
+    assert set(results) == {("small", op, n) for op in ab_gate.OPS
+                            for n in sorted({1, numba.get_num_threads()})}
+    assert len({id(x) for x in seen}) == 1  # one input array for all
+    text, failed = ab_gate.report(results, 1.5, "a" * 40, "b" * 40, 3)
+    assert failed, text
+    failing = [line for line in text.split("FAIL")[1].splitlines()[1:]]
+    assert failing and all(" inference " in line for line in failing), text
+
+
+def test_ab_gate_runs_the_kernels_of_two_commits(tmp_path):
+    # HEAD against itself on the small case, from git, as make bench-gate runs it
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab_gate.py"), "HEAD",
+                           "HEAD", "--cases", "small", "--rounds", "2", "--factor", "1000",
+                           "--code", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK: none of" in proc.stdout
+    assert sum(" small " in line and " ms " in line
+               for line in proc.stdout.splitlines()) >= 4, proc.stdout

@@ -1,4 +1,5 @@
-"""benchmarks/gate.py fails on figures measured in turns, and only on those."""
+"""benchmarks/gate.py fails on peak memory and on gated figures gone missing, only on those
+(kernel times: benchmarks/ab_gate.py, tests/test_benchmarks.py)."""
 
 import json
 import sys
@@ -28,13 +29,13 @@ def _result_file(path, floor_nhwc, speedup, ms, peak_small=None):
     return str(path)
 
 
-def test_gate_flags_worse_ratios_and_failures_not_absolute_times(tmp_path, capsys):
+def test_gate_flags_more_memory_and_failures_not_times(tmp_path, capsys):
     base = _result_file(tmp_path / "base.json", 1.0, 4.0, 10.0, 2 ** 20)
     same = _result_file(tmp_path / "same.json", 1.2, 3.5, 25.0, 2 ** 20)
     assert gate.main([base, same]) == 0  # absolute ms 2.5x: noted, not gated
     assert "track_ms_train" in capsys.readouterr().out
     slower = _result_file(tmp_path / "slower.json", 2.1, 4.0, 10.0, 2 ** 20)
-    assert gate.main([base, slower]) == 1
+    assert gate.main([base, slower]) == 0  # a floor ratio 2.1x: reported, ab_gate's to gate
     assert "track_floor_ratio_1thread_inference ['nhwc']" in capsys.readouterr().out
     peer = _result_file(tmp_path / "peer.json", 1.0, 2.0, 10.0, 2 ** 20)
     assert gate.main([base, peer]) == 0  # a speed-up over a peer: reported, not gated

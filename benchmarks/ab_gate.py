@@ -1,0 +1,143 @@
+"""The kernels of two commits timed against each other in turns: the gate's A/B step.
+
+``make bench-gate`` runs this after the two whole-suite runs and `gate.py`::
+
+    python benchmarks/ab_gate.py BASE HEAD [--factor 1.5] [--rounds 7]
+
+Both commits' ``numbabn/`` are loaded into this one process, side by side, under other
+names (``numbabn_base``, ``numbabn_head``: numbabn's modules import each other relatively),
+from the copies the asv runs extracted and compiled (``.asv/code/<commit>``) or else from
+a fresh extraction, which compiles. Their kernels then run on the *same* input and output
+arrays, in turns (base, head, head, base, ...), a run being >= 20 ms of calls: a change
+of load hits both alike, and so does where the arrays lie in memory. Two whole-suite runs
+minutes apart promise neither (absolute times of unchanged code moved by 20-80 % between
+runs on the shared 2-core machine, the suite's ratios to a copy timed in the same turns
+by up to 1.48x; the same kernels in two worker processes, timed in turns, by up to 1.38x).
+Every kernel (train, inference, backward, statistics; into a preallocated ``out``) of
+every case `bench_kernels.Kernels` times, on one thread and on all of Numba's (a kernel
+that stopped running in parallel shows only there). A figure is head's best run over
+base's; above ``--factor`` it fails: exit status 1, otherwise 0.
+"""
+
+import argparse
+import importlib
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import timeit
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+#: bench_kernels.KERNEL_CASES (not imported: that module imports TensorFlow and PyTorch)
+CASES = ["nhwc", "nchw", "nc", "nhwc-f16", "nc-f64", "small", "small-f64", "nhwc-bf16"]
+OPS = ("train", "inference", "backward", "stats")
+#: a timed run is at least this long (``number`` calls, the same for both commits)
+MIN_SECONDS = 0.02
+
+
+def load(name, folder):
+    """The ``numbabn`` package in ``folder`` imported as ``name``."""
+    init = Path(folder) / "numbabn" / "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        name, init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def source(commit, scratch, code):
+    """The folder holding ``commit``'s ``numbabn/``: the asv runs' copy where it is kept
+    (``<code>/<full hash>``, see asv_commits.sh's ``CODE_ROOT``), else a new one."""
+    full = subprocess.run(["git", "rev-parse", "--verify", commit + "^{commit}"], cwd=ROOT,
+                          check=True, capture_output=True, text=True).stdout.strip()
+    kept = Path(code) / full
+    if (kept / "numbabn").is_dir():
+        return kept, full
+    folder = Path(scratch) / full
+    folder.mkdir(exist_ok=True)
+    archive = subprocess.run(["git", "archive", full, "numbabn"], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder, full
+
+
+def measure(libs, cases, rounds):
+    """``{(case, op, threads): (base seconds, head seconds)}``: each the best of ``rounds``
+    runs, the two ``libs`` (numbabn modules) taking turns, the order alternating by round;
+    at one thread and at Numba's thread count."""
+    import numba
+    import numpy as np
+
+    from benchmarks._common import CASES as SPECS, make_inputs, numbabn_ops
+
+    previous = numba.get_num_threads()
+    results = {}
+    try:
+        for case in cases:
+            inp = make_inputs(*SPECS[case])
+            out = np.empty_like(inp["x"])
+            ops = [numbabn_ops(inp, out, lib) for lib in libs]
+            for n in sorted({1, previous}):
+                numba.set_num_threads(n)
+                for op in OPS:
+                    timers = [timeit.Timer(o[op]) for o in ops]
+                    once = max(t.timeit(1) for t in timers for _ in range(2))  # warm first
+                    number = max(1, int(MIN_SECONDS / max(once, 1e-9)))
+                    best = [float("inf")] * len(timers)
+                    for r in range(rounds):
+                        order = range(len(timers)) if r % 2 == 0 else reversed(range(len(timers)))
+                        for i in order:
+                            best[i] = min(best[i], timers[i].timeit(number) / number)
+                    results[(case, op, n)] = tuple(best)
+    finally:
+        numba.set_num_threads(previous)
+    return results
+
+
+def report(results, factor, base, head, rounds):
+    """``(text, failed)`` for `measure`'s results: a line per timing, then the verdict."""
+    rows, failures = [], []
+    for (case, op, n), (b, h) in results.items():
+        worse = h / b
+        rows.append(f"  {case:>10} {op:>9} {n} thread{'s' if n > 1 else ' '}: "
+                    f"{1e3 * b:9.3f} -> {1e3 * h:9.3f} ms  ({worse:.2f}x)")
+        if worse > factor:
+            failures.append(rows[-1])
+    lines = [f"A/B, {base[:8]} (base) against {head[:8]} (head), best of {rounds} runs "
+             f"each, in turns:", *rows]
+    if failures:
+        lines += [f"FAIL: {len(failures)} of {len(results)} kernel timings are worse by "
+                  f"more than {factor}x:", *failures]
+    else:
+        worst = max(h / b for b, h in results.values())
+        lines.append(f"OK: none of {len(results)} kernel timings is worse by more than "
+                     f"{factor}x (worst {worst:.2f}x)")
+    return "\n".join(lines), bool(failures)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("base")
+    parser.add_argument("head")
+    parser.add_argument("--factor", type=float, default=1.5)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--cases", nargs="+", default=CASES)
+    parser.add_argument("--code", default=str(ROOT / ".asv" / "code"),
+                        help="where the asv runs kept each commit's code (CODE_ROOT)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="numbabn-ab-") as scratch:
+        (base_src, base), (head_src, head) = (source(c, scratch, args.code)
+                                              for c in (args.base, args.head))
+        libs = [load("numbabn_base", base_src), load("numbabn_head", head_src)]
+        results = measure(libs, args.cases, args.rounds)
+    text, failed = report(results, args.factor, base, head, args.rounds)
+    print(text)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
