@@ -100,20 +100,21 @@ bench-history: $(HOME)/.asv-machine.json
 	$(BIN)/python benchmarks/plot_history.py --out benchmarks/history.png
 	@echo "Report in .asv/html; browse it with: $(BIN)/asv preview"
 
-## bench-gate: the whole suite on HEAD's merge base with main, then on HEAD; then the two commits' kernels against each other in turns; fails when one is slower (or a call's peak memory larger) by more than FACTOR
-# benchmarks/gate.py compares the two runs' asv results and gates peak memory (and figures
-# gone missing: a kernel failing its float64 check); every other figure that moved is
-# listed for information. benchmarks/ab_gate.py then loads both commits' numbabn into one
-# process, from the copies the two runs extracted and compiled (GATE_CODE; a branch whose
-# numbabn/ is main's compiles once), and times every kernel of both on the same arrays in
-# turns, on 1 and 2 threads: main against main moved by at most 1.24x, a kernel doing its
-# pass twice read 1.94-2.20x in every case that runs it (2026-12-01, README).
+## bench-gate: the whole suite on HEAD, then HEAD's kernels against its merge base's in turns in one process; fails when a kernel is slower, or a call takes more memory, by more than FACTOR (GATE_BASE_SUITE=1: the whole suite on the base first, to compare every figure)
+# benchmarks/gate.py fails on a figure HEAD's run did not produce (a benchmark failed,
+# e.g. a kernel failing its float64 check) and lists every figure that moved since the
+# base's stored results, where there are any (bench-history keeps main's), for
+# information. benchmarks/ab_gate.py loads both commits' numbabn into one process (HEAD's
+# from the copy its run compiled, GATE_CODE) and times every kernel of both on the same
+# arrays in turns, on 1 and 2 threads, then each allocating call's peak memory: main
+# against main moved by at most 1.29x, a kernel doing its pass twice read 1.83-2.16x in
+# every case that runs it (2026-12-01, README).
+GATE_BASE_SUITE ?=
 bench-gate: $(HOME)/.asv-machine.json
-	rm -rf $(GATE_CODE)
-	CODE_ROOT=$(GATE_CODE) $(ASV_COMMITS) $(GATE_BASE)
-	cp "$$(ls -t .asv/results/*/$$(git rev-parse --short=8 $(GATE_BASE))-*.json | head -1)" .asv/gate-base.json
+	rm -rf $(GATE_CODE) .asv/gate-base.json
+	$(if $(GATE_BASE_SUITE),CODE_ROOT=$(GATE_CODE) $(ASV_COMMITS) $(GATE_BASE) && cp "$$(ls -t .asv/results/*/$$(git rev-parse --short=8 $(GATE_BASE))-*.json | head -1)" .asv/gate-base.json,)
 	CODE_ROOT=$(GATE_CODE) $(ASV_COMMITS) HEAD
-	$(BIN)/python benchmarks/gate.py .asv/gate-base.json HEAD --factor $(FACTOR); gate=$$?; \
+	$(BIN)/python benchmarks/gate.py $(if $(GATE_BASE_SUITE),.asv/gate-base.json,$(GATE_BASE)) HEAD --factor $(FACTOR); gate=$$?; \
 	$(BIN)/python benchmarks/ab_gate.py $(GATE_BASE) HEAD --factor $(FACTOR) --code $(GATE_CODE); ab=$$?; \
 	rm -rf $(GATE_CODE); [ $$gate = 0 ] && [ $$ab = 0 ]
 

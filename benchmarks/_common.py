@@ -135,6 +135,50 @@ def peak_increase(fn):
     return max(0, peak - before)
 
 
+#: `call_peaks` rounds to whole MiB: the last page or two moved between runs of the same
+#: code (0 -> 4 KiB, an infinite ratio to asv)
+PEAK_STEP = 2 ** 20
+
+
+def call_peaks(cases, lib=None):
+    """``{case: {op: bytes}}``: `peak_increase` of each allocating call (``out=None``)
+    of each case, to the nearest MiB, after a warm-up call (anything cached on first use
+    is not counted). ``lib``: the numbabn package, as in `numbabn_ops`. In-process: the
+    figure counts only what the call itself allocates. With numbabn's output pool off
+    (commits that have one): a repeated call would reuse its resident output, and the
+    figure is meant to include the outputs, so that a new full-size temporary shows as a
+    step of ``x.nbytes`` over them. Raises NotImplementedError where `peak_increase` does.
+    Sets malloc's mmap threshold for the rest of the process: measure last."""
+    import gc
+
+    lib = lib or nbn
+    try:
+        pool = importlib.import_module(lib.__name__ + "._pool")
+    except ImportError:  # an older commit: no pool
+        pool = None
+    saved = pool and pool.MIN_BYTES
+    # What is alive now is frozen out of the collector's reach, so the full collection
+    # before each measurement (`peak_increase`) walks only what is new: ~0.4 s a
+    # collection with TensorFlow's and PyTorch's objects around, 28 of them
+    gc.collect()
+    gc.freeze()
+    try:
+        if pool:
+            pool.MIN_BYTES = float("inf")
+        peaks = {}
+        for case in cases:
+            ops = numbabn_ops(make_inputs(*CASES[case]), None, lib)
+            peaks[case] = {}
+            for op in ("train", "inference", "backward", "stats"):
+                ops[op]()
+                peaks[case][op] = PEAK_STEP * round(peak_increase(ops[op]) / PEAK_STEP)
+        return peaks
+    finally:
+        if pool:
+            pool.MIN_BYTES = saved
+        gc.unfreeze()
+
+
 #: NUMBABN_BENCH_SMALL=1 (``make bench-check``, run by CI): every benchmark runs once on
 #: small inputs, to prove the suite still imports and runs; the case names stay the same.
 SMALL_RUN = os.environ.get("NUMBABN_BENCH_SMALL") == "1"

@@ -15,8 +15,10 @@ runs on the shared 2-core machine, the suite's ratios to a copy timed in the sam
 by up to 1.48x; the same kernels in two worker processes, timed in turns, by up to 1.38x).
 Every kernel (train, inference, backward, statistics; into a preallocated ``out``) of
 every case `bench_kernels.Kernels` times, on one thread and on all of Numba's (a kernel
-that stopped running in parallel shows only there). A figure is head's best run over
-base's; above ``--factor`` it fails: exit status 1, otherwise 0.
+that stopped running in parallel shows only there): a figure is head's best run over
+base's. Then the peak memory of each allocating call (`_common.call_peaks`, as
+`bench_kernels.PeakMem`; deterministic, so once each): head's over base's, a change
+under `PEAK_SLACK` none. Any figure above ``--factor`` fails: exit status 1, else 0.
 """
 
 import argparse
@@ -36,6 +38,10 @@ CASES = ["nhwc", "nchw", "nc", "nhwc-f16", "nc-f64", "small", "small-f64", "nhwc
 OPS = ("train", "inference", "backward", "stats")
 #: a timed run is at least this long (``number`` calls, the same for both commits)
 MIN_SECONDS = 0.02
+#: peak memory moved by less than this is not a change (`_common.call_peaks` rounds to
+#: whole MiB; a statistics pass read 2 MiB in one run and 3 MiB in the next); a new
+#: full-size temporary of the smallest large case is 26 MB
+PEAK_SLACK = 8 * 2 ** 20
 
 
 def load(name, folder):
@@ -98,8 +104,26 @@ def measure(libs, cases, rounds):
     return results
 
 
-def report(results, factor, base, head, rounds):
-    """``(text, failed)`` for `measure`'s results: a line per timing, then the verdict."""
+def measure_peaks(libs, cases):
+    """``{(case, op): (base bytes, head bytes)}``: `_common.call_peaks` of each lib
+    (deterministic, so one measurement each). Last: it changes malloc's settings."""
+    from benchmarks._common import call_peaks
+
+    peaks = [call_peaks(cases, lib) for lib in libs]
+    return {(case, op): tuple(p[case][op] for p in peaks)
+            for case in cases for op in peaks[0][case]}
+
+
+def memory_worse(b, h):
+    """How much more memory head's call takes: ``h / b``, 1 within `PEAK_SLACK`."""
+    if abs(h - b) < PEAK_SLACK:
+        return 1.0
+    return h / b if b > 0 else float("inf")
+
+
+def report(results, factor, base, head, rounds, peaks=None):
+    """``(text, failed)`` for `measure`'s results (a line per timing) and `measure_peaks`'
+    (a line per call whose peak memory differs), then the verdict."""
     rows, failures = [], []
     for (case, op, n), (b, h) in results.items():
         worse = h / b
@@ -109,13 +133,23 @@ def report(results, factor, base, head, rounds):
             failures.append(rows[-1])
     lines = [f"A/B, {base[:8]} (base) against {head[:8]} (head), best of {rounds} runs "
              f"each, in turns:", *rows]
+    peaks = peaks or {}
+    changed = [(key, b, h) for key, (b, h) in peaks.items() if b != h]
+    if peaks:
+        lines.append(f"Peak memory of the allocating calls: {len(peaks) - len(changed)} of "
+                     f"{len(peaks)} the same" + (", the others:" if changed else ""))
+    for (case, op), b, h in changed:
+        lines.append(f"  {case:>10} {op:>9}: {b / 2 ** 20:7.0f} -> {h / 2 ** 20:7.0f} MiB")
+        if memory_worse(b, h) > factor:
+            failures.append(lines[-1])
+    n = len(results) + len(peaks)
     if failures:
-        lines += [f"FAIL: {len(failures)} of {len(results)} kernel timings are worse by "
-                  f"more than {factor}x:", *failures]
+        lines += [f"FAIL: {len(failures)} of {n} figures (kernel times, peak memory) are "
+                  f"worse by more than {factor}x:", *failures]
     else:
-        worst = max(h / b for b, h in results.values())
-        lines.append(f"OK: none of {len(results)} kernel timings is worse by more than "
-                     f"{factor}x (worst {worst:.2f}x)")
+        worst = max((h / b for b, h in results.values()), default=1.0)
+        lines.append(f"OK: none of {n} figures (kernel times, peak memory) is worse by more "
+                     f"than {factor}x (worst time {worst:.2f}x)")
     return "\n".join(lines), bool(failures)
 
 
@@ -134,7 +168,8 @@ def main(argv=None):
                                               for c in (args.base, args.head))
         libs = [load("numbabn_base", base_src), load("numbabn_head", head_src)]
         results = measure(libs, args.cases, args.rounds)
-    text, failed = report(results, args.factor, base, head, args.rounds)
+        peaks = measure_peaks(libs, args.cases)
+    text, failed = report(results, args.factor, base, head, args.rounds, peaks)
     print(text)
     return 1 if failed else 0
 

@@ -29,7 +29,6 @@ asv imports this file as ``benchmarks.bench_kernels``, hence the relative import
 shared helpers (``report.py`` uses them too).
 """
 
-import gc
 import os
 import sys
 import tempfile
@@ -43,6 +42,7 @@ import numpy as np  # noqa: E402
 
 from ._common import (  # noqa: E402
     ASV_SETTINGS, BYTES_MOVED, CASES, EPS, SMALL_RUN, _parallel_copy, best_of_interleaved,
+    call_peaks,
     check_peer, checked_inputs, first_call_seconds, make_inputs, memo,
     numbabn_ops, peak_increase, preimport_frameworks, tf_ops,
 )
@@ -171,53 +171,13 @@ def measure_threads():
     return results
 
 
-PEAK_STEP = 2 ** 20
-
-
 def measure_peaks():
-    """``{case: {op: bytes}}``: `_common.peak_increase` of each allocating call of
-    `ALL_CASES` to the nearest MiB, after a warm-up call (`PeakMem`); ``{"skip": why}`` where it cannot be
-    measured. In-process: the figure counts only what the call itself allocates. With
-    numbabn's output pool off (commits that have one): a repeated call would reuse its
-    resident output, and the figure is meant to include the outputs, so that a new
-    full-size temporary shows as a step of ``x.nbytes`` over them."""
+    """``{case: {op: bytes}}`` (`PeakMem`): `_common.call_peaks` of every `ALL_CASES`
+    case; ``{"skip": why}`` where it cannot be measured."""
     try:
-        from numbabn import _pool
-    except ImportError:  # an older commit: no pool
-        return _measure_peaks()
-    saved, _pool.MIN_BYTES = _pool.MIN_BYTES, float("inf")
-    try:
-        return _measure_peaks()
-    finally:
-        _pool.MIN_BYTES = saved
-
-
-def _measure_peaks():
-    # What is alive now is frozen out of the collector's reach, so the full collection
-    # before each measurement (`peak_increase`) walks only what is new: ~0.4 s a
-    # collection with TensorFlow's and PyTorch's objects around, 28 of them
-    gc.collect()
-    gc.freeze()
-    try:
-        return _measure_each_peak()
-    finally:
-        gc.unfreeze()
-
-
-def _measure_each_peak():
-    peaks = {}
-    for case in ALL_CASES:
-        ops = numbabn_ops(inputs(case), None)
-        peaks[case] = {}
-        for op in ("train", "inference", "backward", "stats"):
-            ops[op]()  # warm-up: anything cached on first use is not counted
-            try:
-                # whole MiB: the last page or two moved between runs of the same code
-                # (0 -> 4 KiB, an infinite ratio to asv)
-                peaks[case][op] = PEAK_STEP * round(peak_increase(ops[op]) / PEAK_STEP)
-            except NotImplementedError as exc:
-                return {"skip": str(exc)}
-    return peaks
+        return call_peaks(ALL_CASES)
+    except NotImplementedError as exc:
+        return {"skip": str(exc)}
 
 
 #: best of this many runs per peer and operation in `measure_peers` (in turns)

@@ -242,6 +242,14 @@ def test_ab_gate_times_two_numbabns_in_turns_on_the_same_arrays_and_fails_a_slow
     assert failed, text
     failing = [line for line in text.split("FAIL")[1].splitlines()[1:]]
     assert failing and all(" inference " in line for line in failing), text
+    # peak memory: the same calls take the same memory; a 26 MB temporary more fails
+    peaks = ab_gate.measure_peaks([base, head], ["small"])
+    assert set(peaks) == {("small", op) for op in ab_gate.OPS}
+    assert all(b == h for b, h in peaks.values()), peaks
+    big = {("nhwc", "train"): (52 << 20, 52 << 20), ("nhwc", "stats"): (0, 26 << 20),
+           ("nc", "stats"): (2 << 20, 3 << 20)}
+    text, failed = ab_gate.report({}, 1.5, "a" * 40, "b" * 40, 3, big)
+    assert failed and "1 of 3 figures" in text and "       nc     stats" not in text.split("FAIL")[1]
 
 
 def test_ab_gate_runs_the_kernels_of_two_commits(tmp_path):
