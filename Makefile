@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 # asv: how many commits of main `bench-history` runs, the slowdown `bench-gate` fails on,
 # and optionally a benchmark regex for both. Both run the whole suite (this tree's
 # benchmarks/) against each commit's numbabn/ and keras_layer/ in this environment
-# (benchmarks/asv_commits.sh). The whole suite takes 5.4-6.6 min a commit on the 2-core
-# machine shared with other work at load ~2-2.5 (325-394 s, 2026-12-01; N=2 took 680 s),
-# ~8.5 min at load 3.3; N=10 took 65 min from a fresh clone at load ~1.3 (README, "Performance history");
-# BENCH narrows it; NUMBABN_BENCH_FULL=1 adds ResNet50 and the models' fused and no-BN
-# variants (~+2 min).
+# (benchmarks/asv_commits.sh). The whole suite takes 339-397 s a commit whose code differs
+# from the one before (it compiles), 256-292 s one whose numbabn/ and keras_layer/ a commit
+# before it in the run had (the compiled copy is reused), on the 2-core machine at load
+# ~1.2; N=10 took ~53 min from a fresh clone (2026-12-02, README "Performance history");
+# load 2-3 adds 25-40 %. BENCH narrows it; NUMBABN_BENCH_FULL=1 adds ResNet50 and the
+# models' fused and no-BN variants (~+2 min).
 N ?= 10
 FACTOR ?= 1.5
 BENCH ?=
@@ -107,8 +108,8 @@ bench-history: $(HOME)/.asv-machine.json
 # information. benchmarks/ab_gate.py loads both commits' numbabn into one process (HEAD's
 # from the copy its run compiled, GATE_CODE) and times every kernel of both on the same
 # arrays in turns, on 1 and 2 threads, then each allocating call's peak memory: main
-# against main moved by at most 1.29x, a kernel doing its pass twice read 1.83-2.16x in
-# every case that runs it (2026-12-01, README).
+# against main moved by at most 1.12-1.29x, a kernel doing its pass twice read 1.64-2.25x
+# in every large case that runs it. From a fresh clone: 8-9 min (2026-12-02, README).
 GATE_BASE_SUITE ?=
 bench-gate: $(HOME)/.asv-machine.json
 	rm -rf $(GATE_CODE) .asv/gate-base.json

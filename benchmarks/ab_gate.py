@@ -1,6 +1,6 @@
 """The kernels of two commits timed against each other in turns: the gate's A/B step.
 
-``make bench-gate`` runs this after the two whole-suite runs and `gate.py`::
+``make bench-gate`` runs this after the whole suite's run on HEAD and `gate.py`::
 
     python benchmarks/ab_gate.py BASE HEAD [--factor 1.5] [--rounds 7]
 
@@ -22,8 +22,8 @@ under `PEAK_SLACK` none. Any figure above ``--factor`` fails: exit status 1, els
 """
 
 import argparse
-import importlib
 import importlib.util
+import re
 import subprocess
 import sys
 import tempfile
@@ -45,8 +45,14 @@ PEAK_SLACK = 8 * 2 ** 20
 
 
 def load(name, folder):
-    """The ``numbabn`` package in ``folder`` imported as ``name``."""
+    """The ``numbabn`` package in ``folder`` imported as ``name``. Refused (ValueError)
+    where one of its modules imports ``numbabn`` by that name: that would be this
+    process's other numbabn, not its own (``numbabn.torch``, not imported here, aside)."""
     init = Path(folder) / "numbabn" / "__init__.py"
+    for path in init.parent.rglob("*.py"):
+        if "torch" not in path.relative_to(init.parent).parts and re.search(
+                r"^\s*(from|import)\s+numbabn\b", path.read_text(), re.MULTILINE):
+            raise ValueError(f"{path} imports numbabn by name: cannot load it as {name}")
     spec = importlib.util.spec_from_file_location(
         name, init, submodule_search_locations=[str(init.parent)])
     module = importlib.util.module_from_spec(spec)

@@ -18,9 +18,9 @@ NumPy or TensorFlow call responds to the load its own way) and even each kernel 
 thread over NumPy's copy of the same bytes, timed in the same turns, by up to 1.48x.
 What is gated, kernel times and peak memory, ``ab_gate.py`` measures: both commits'
 kernels in one process, in turns, on the same arrays (a kernel doing twice its work read
-1.83-2.16x there, unchanged code moved by at most 1.29x; the one-thread floor ratios of
-two whole-suite runs, this step's gate until 2026-12-01, read 1.53-2.32x for the same
-slowdown).
+1.64-2.25x there in the large cases, unchanged code moved by at most 1.12-1.29x; the
+one-thread floor ratios of two whole-suite runs, this step's gate until 2026-12-01, read
+1.53-2.32x for the same slowdown).
 
 Exit status 2 when HEAD has no results.
 """

@@ -3,13 +3,14 @@
 import importlib.util
 import json
 import os
-import subprocess
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numba
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 #: bench_torch's classes skip where PyTorch is not installed (it is an optional extra)
@@ -246,6 +247,10 @@ def test_ab_gate_times_two_numbabns_in_turns_on_the_same_arrays_and_fails_a_slow
     peaks = ab_gate.measure_peaks([base, head], ["small"])
     assert set(peaks) == {("small", op) for op in ab_gate.OPS}
     assert all(b == h for b, h in peaks.values()), peaks
+    # a package that imports numbabn by name would run this process's other numbabn
+    (tmp_path / "numbabn" / "_absolute.py").write_text("from numbabn import config\n")
+    with pytest.raises(ValueError, match="imports numbabn by name"):
+        ab_gate.load("numbabn_t_refused", tmp_path)
     big = {("nhwc", "train"): (52 << 20, 52 << 20), ("nhwc", "stats"): (0, 26 << 20),
            ("nc", "stats"): (2 << 20, 3 << 20)}
     text, failed = ab_gate.report({}, 1.5, "a" * 40, "b" * 40, 3, big)
