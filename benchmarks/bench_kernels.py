@@ -42,9 +42,8 @@ import numpy as np  # noqa: E402
 
 from ._common import (  # noqa: E402
     ASV_SETTINGS, BYTES_MOVED, CASES, EPS, SMALL_RUN, _parallel_copy, best_of_interleaved,
-    call_peaks,
-    check_peer, checked_inputs, first_call_seconds, make_inputs, memo,
-    numbabn_ops, peak_increase, preimport_frameworks, tf_ops,
+    call_peaks, check_peer, checked_inputs, first_call_seconds, make_inputs, memo,
+    numbabn_ops, preimport_frameworks, tf_ops,
 )
 from ._numpy_bn import numpy_ops  # noqa: E402
 
