@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 import numbabn.torch as nbt  # noqa: E402
 from numbabn import _cpu  # noqa: E402
+from numbabn.torch import _bridge  # noqa: E402
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -195,6 +196,45 @@ def test_memory_formats_are_read_and_written_in_place(layout, monkeypatch):
         for array, view in views:
             assert np.shares_memory(array, view)
         assert np.shares_memory(views[0][0], x.detach().numpy())
+
+
+@pytest.mark.parametrize("layout", tc.LAYOUTS, ids=tc.LAYOUT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_parameters_as_views_give_the_bits_of_float64_copies(layout, dtype):
+    """Small inputs get the parameters' own NumPy views (no float64 copy, see
+    ``_bridge._param_arrays``): train, eval and both backwards give the bits of the
+    kernels called on float64 copies of the parameters, and nothing is copied."""
+    _, shape, kind, memory_format = layout
+    m = tc.pair(kind, shape[1], dtype, seed=3)[0]
+    with torch.no_grad():
+        m.running_mean.uniform_(-1.0, 1.0)
+        m.running_var.uniform_(0.5, 2.0)
+    x = tc.make_x(shape, memory_format, dtype, seed=4)
+    dy = tc.make_x(shape, memory_format, dtype, seed=5)
+    views = _bridge._param_arrays(x.numel(), m.weight, m.bias, m.running_mean, m.running_var)
+    for view, t in zip(views, (m.weight, m.bias, m.running_mean, m.running_var)):
+        own = t.detach().numpy()
+        assert view.dtype == own.dtype and np.shares_memory(view, own)
+    w, b, rm, rv = (t.detach().numpy().astype(np.float64)
+                    for t in (m.weight, m.bias, m.running_mean, m.running_var))
+    xa, dya = x.numpy(), dy.numpy()
+
+    y, mean, var, invstd = _bridge.train_direct(x, m.weight, m.bias, m.eps)
+    y64, mean64, var64, invstd64 = _cpu.train(xa, 1, w, b, m.eps)
+    for got, want in ((y.numpy(), y64), (mean, mean64), (var, var64), (invstd, invstd64)):
+        np.testing.assert_array_equal(got, want)
+    y = _bridge.inference_direct(x, m.weight, m.bias, m.running_mean, m.running_var, m.eps)
+    np.testing.assert_array_equal(y.numpy(), _cpu.inference(xa, 1, w, b, rm, rv, m.eps))
+    dx, dw, db = _bridge.backward_direct(dy, x, m.weight, mean64, invstd64, True)
+    for got, want in zip((dx.numpy(), dw, db), _cpu.backward(dya, xa, 1, w, mean64, invstd64)):
+        np.testing.assert_array_equal(got, want)
+    invstd_rs = 1.0 / np.sqrt(rv + m.eps)
+    got = _bridge.backward_direct(dy, x, m.weight, rm, invstd_rs, False)
+    out = np.empty_like(xa)
+    want = _bridge._constant_stats_backward(dya, xa, w, rm, invstd_rs, out)
+    np.testing.assert_array_equal(got[0].numpy(), out)
+    np.testing.assert_array_equal(got[1], want[0])
+    np.testing.assert_array_equal(got[2], want[1])
 
 
 @pytest.mark.parametrize("view", ["strided", "CNHW", "expanded-dy"])

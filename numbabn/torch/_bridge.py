@@ -17,7 +17,7 @@ import functools
 import numpy as np
 import torch
 
-from .. import _cpu, _device, _pool, batchnorm
+from .. import _cpu, _device, _pool, batchnorm, config
 
 #: dtypes the module accepts (the rest raise torch's NotImplementedError)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -194,12 +194,26 @@ def _array(t):
     return (t.detach() if t.requires_grad else t).numpy()
 
 
-def _param_arrays(*vs):
-    """Per-channel CPU tensors (or None) as float64 arrays, converted together: one
-    ``torch.cat`` and one ``astype`` (the module has checked they share a dtype)."""
+def _param_arrays(n, *vs):
+    """Per-channel CPU tensors (or None) as the kernels take them, for an input of ``n``
+    elements (the module has checked that they share a dtype).
+
+    float64 tensors, and float32 ones below ``config.SERIAL_BELOW`` elements: their
+    NumPy views as they are. The kernels read every per-channel value as a float64
+    (``v[c]`` in float64 arithmetic), so a float32 view gives the bits of its float64
+    copy; it only compiles the serial kernels once more, for float32 vectors, and saves
+    the copy, which costs as much as the kernel at (64, 256). Above the threshold, where
+    the parallel kernels run and the copy is noise, and with a parameter missing: one
+    ``torch.cat`` and one ``astype`` to float64, so the parallel kernels (and the
+    TensorFlow op's entry points) stay compiled for float64 vectors alone.
+    """
     present = [v for v in vs if v is not None]
     if not present:
         return vs
+    dtype = present[0].dtype
+    if len(present) == len(vs) and (dtype == torch.float64 or (
+            dtype == torch.float32 and n < config.SERIAL_BELOW)):
+        return [_array(v) for v in vs]
     flat = _array(torch.cat(present) if len(present) > 1 else present[0])
     if flat.dtype != np.float64:
         flat = flat.astype(np.float64)
@@ -217,8 +231,8 @@ def train_direct(x, weight, bias, eps):
     """The direct CPU path of `train`: ``(y, mean, var, invstd)``, y a tensor and the
     statistics float64 NumPy arrays."""
     y = _empty_like(x, x.dtype)
-    _, mean, var, invstd = _cpu.train(_array(x), 1, *_param_arrays(weight, bias), eps,
-                                      y.numpy())
+    _, mean, var, invstd = _cpu.train(_array(x), 1, *_param_arrays(x.numel(), weight, bias),
+                                      eps, y.numpy())
     return y, mean, var, invstd
 
 
@@ -226,8 +240,8 @@ def inference_direct(x, weight, bias, running_mean, running_var, eps):
     """The direct CPU path of `inference` (a negative running variance gives NaN in its
     channel, as torch's kernel does)."""
     y = _empty_like(x, x.dtype)
-    _cpu.inference(_array(x), 1, *_param_arrays(weight, bias, running_mean, running_var),
-                   eps, y.numpy())
+    params = _param_arrays(x.numel(), weight, bias, running_mean, running_var)
+    _cpu.inference(_array(x), 1, *params, eps, y.numpy())
     return y
 
 
@@ -235,7 +249,7 @@ def backward_direct(dy, x, weight, mean, invstd, training):
     """The direct CPU path of `backward`: ``mean``/``invstd`` float64 arrays, ``dy`` a
     CPU tensor of ``x``'s dtype; ``(dx, dweight, dbias)``, the last two arrays."""
     dx = _empty_like(x, x.dtype)
-    dy_a, x_a, (w,) = _array(dy), _array(x), _param_arrays(weight)
+    dy_a, x_a, (w,) = _array(dy), _array(x), _param_arrays(x.numel(), weight)
     if training:
         _, dweight, dbias = _cpu.backward(dy_a, x_a, 1, w, mean, invstd, dx.numpy())
     else:
