@@ -9,9 +9,9 @@ BIN := $(VENV)/bin
 # (benchmarks/asv_commits.sh). The whole suite takes 339-397 s a commit whose code differs
 # from the one before (it compiles), 256-292 s one whose numbabn/ and keras_layer/ a commit
 # before it in the run had (the compiled copy is reused), on the 2-core machine at load
-# ~1.2; N=10 took ~53 min from a fresh clone (2026-12-02, README "Performance history");
-# load 2-3 adds 25-40 %. BENCH narrows it; NUMBABN_BENCH_FULL=1 adds ResNet50 and the
-# models' fused and no-BN variants (~+2 min).
+# ~1.2; N=10 took 52 min 52 s end to end from a fresh clone, environment included
+# (2026-12-02, README "Performance history"); load 2-3 adds 25-40 %. BENCH narrows it;
+# NUMBABN_BENCH_FULL=1 adds ResNet50 and the models' fused and no-BN variants (~+2 min).
 N ?= 10
 FACTOR ?= 1.5
 BENCH ?=
