@@ -31,6 +31,13 @@ def _moving_update(running_mean, running_var, mean, var, factor, bessel):
 _cache.lock_saves([_moving_update])  # see numbabn._cache
 
 
+def _parameter_dtype_fits(param_dtype, input_dtype):
+    """torch's rule: parameters and buffers of the input's dtype, or float32 ones with
+    float16/bfloat16 input."""
+    return param_dtype == input_dtype or (
+        param_dtype == torch.float32 and input_dtype in (torch.float16, torch.bfloat16))
+
+
 def _member(module, members, name):
     """``getattr(module, name)`` for a parameter or buffer, read from its dict when it
     is there (``nn.Module.__getattr__`` costs ~1 us a name: the failed instance lookup
@@ -134,12 +141,11 @@ class _NumbabnBatchNorm(_BatchNorm):
                 "takes float16, bfloat16, float32 or float64 input")
         channels = input.shape[1]
         cpu = input.is_cpu
-        # the common case in one pass of cheap tests (~1 us less a call than the named
-        # checks below, which run only when one of these fails)
+        # the common case in one pass of cheap tests; the named checks, with their
+        # messages, only when one of these fails
         for t in (weight, bias, running_mean, running_var):
-            if t is not None and (t.numel() != channels or t.is_cpu != cpu or not cpu or (
-                    t.dtype != dtype and not (t.dtype == torch.float32 and dtype in (
-                        torch.float16, torch.bfloat16)))):
+            if t is not None and (t.numel() != channels or t.is_cpu != cpu or not cpu
+                                  or not _parameter_dtype_fits(t.dtype, dtype)):
                 self._check_each(input, weight, bias, running_mean, running_var)
                 break
         if bn_training:
@@ -173,8 +179,7 @@ class _NumbabnBatchNorm(_BatchNorm):
                     "Expected all tensors to be on the same device, but input is on "
                     f"{input.device} and {arg} on {t.device} (numbabn.torch.{name} does "
                     "not move tensors; call .to(device) on the module or the input)")
-            if t.dtype != dtype and not (
-                    t.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)):
+            if not _parameter_dtype_fits(t.dtype, dtype):
                 raise RuntimeError(
                     f"mixed dtype: {arg} is {t.dtype} but the input is {input.dtype}; "
                     f"numbabn.torch.{name}, as torch, takes parameters of the input's dtype "
