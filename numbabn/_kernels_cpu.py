@@ -41,7 +41,8 @@ from numpy.lib.stride_tricks import as_strided
 
 from . import _cache
 from ._half import narrow, narrow_block, staged_dtype, widen
-from .config import CHUNK_ELEMENTS, LANES, MAX_CHUNKS, SHORT_RUN
+from .config import (CHUNK_ELEMENTS, FOLD_ROW_WIDTH, FOLD_ROWS_BELOW, LANES, MAX_CHUNKS,
+                     SHORT_RUN)
 
 _OPTS = dict(cache=True, nogil=True)
 # the whole operations: a negative moving variance gives NaN (as the stock layers), not an error
@@ -95,6 +96,17 @@ def _shifted_to_moments(n, shift, s1, s2):
     return shift + m, m2
 
 
+@njit(**_OPTS)
+def _tiled(v, W):
+    """The per-channel vector ``v`` repeated to the ``W`` columns of a (folded) rows
+    view, as float64 (a copy of ``v`` where W is its size)."""
+    out = np.empty(W)
+    C = v.size
+    for j in range(W):
+        out[j] = v[j % C]
+    return out
+
+
 # ----------------------------------------------------------------------- statistics
 
 @njit(parallel=True, **_OPTS)
@@ -106,15 +118,21 @@ def stats_rows(x, rows_per_task, mean, var):
     rule. With K a sample of the same channel, ``sum((x-K)**2) - sum(x-K)**2 / n`` cancels
     only about ``((mean-K)/std)**2`` units of float64 rounding, so data with a large
     mean (1e4 + N(0, 1) in float32) keep a float64-accurate variance in one pass.
+
+    A folded view (``x`` (R / g, g * C) for C = ``mean.size`` channels, see
+    `fold_rows`) gives g partial results per task, one per column of each channel;
+    they merge per channel in the order of the columns, task after task.
     """
-    R, C = x.shape
+    R, W = x.shape
+    C = mean.size
     ntasks = row_tasks(R, rows_per_task)
-    counts = np.empty(ntasks)
-    pmean = np.empty((ntasks, C))
-    pm2 = np.empty((ntasks, C))
+    counts = np.empty(ntasks * (W // C))
+    pmean = np.empty((ntasks, W))
+    pm2 = np.empty((ntasks, W))
     for k in prange(ntasks):
         stats_rows_task(x, k, rows_per_task, counts, pmean, pm2)
-    _merge_moments(counts, pmean, pm2, mean, var)
+    _merge_moments(counts, pmean.reshape(counts.size, C), pm2.reshape(counts.size, C), mean,
+                   var)
 
 
 @njit(**_OPTS)
@@ -132,10 +150,12 @@ def task_rows(k, rows_per_task, R):
 
 @njit(**_OPTS)
 def stats_rows_task(x, k, rows_per_task, counts, pmean, pm2):
-    """Task ``k`` of `stats_rows`: its (count, mean, M2) into ``counts[k]``, ``pmean[k]``
-    and ``pm2[k]``."""
+    """Task ``k`` of `stats_rows`: its (count, mean, M2) of each column into ``pmean[k]``
+    and ``pm2[k]``, the count into its ``g`` entries of ``counts`` (g partial results
+    per task on a folded view: ``counts.size`` is g times the tasks)."""
     R, C = x.shape
     r0, r1 = task_rows(k, rows_per_task, R)
+    g = counts.size // row_tasks(R, rows_per_task)
     s1 = pmean[k]
     s2 = pm2[k]
     s1[:] = 0.0
@@ -150,7 +170,7 @@ def stats_rows_task(x, k, rows_per_task, counts, pmean, pm2):
             s1[c] += d
             s2[c] += d * d
     n = np.float64(r1 - r0)
-    counts[k] = n
+    counts[k * g:(k + 1) * g] = n
     for c in range(C):
         s1[c], s2[c] = _shifted_to_moments(n, shift[c], s1[c], s2[c])
 
@@ -355,9 +375,12 @@ def affine_rows(x, rows_per_task, center, scale, offset, y):
 
     Subtracting the centre first (rather than folding it into the offset) keeps a
     constant channel at exactly ``offset``: ``x - center`` is exactly zero there.
+    On a folded view (see `fold_rows`) the per-channel vectors are tiled to its width.
     """
+    W = x.shape[1]
+    m, s, b = _tiled(center, W), _tiled(scale, W), _tiled(offset, W)
     for k in prange(row_tasks(x.shape[0], rows_per_task)):
-        affine_rows_task(x, k, rows_per_task, center, scale, offset, y)
+        affine_rows_task(x, k, rows_per_task, m, s, b, y)
 
 
 @njit(**_OPTS)
@@ -566,15 +589,20 @@ def affine_planes_task(x, t, i_per, center, scale, offset, y):
 
 @njit(parallel=True, **_OPTS)
 def grad_sums_rows(dy, x, rows_per_task, mean, sum_dy, sum_dy_xmu):
-    """Per-column ``sum(dy)`` and ``sum(dy * (x - mean))`` of (R, C) views, one pass."""
-    R, C = x.shape
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` of (R, C) views, one pass;
+    on a folded view (see `fold_rows`) per column, added per channel in the order of the
+    columns, task after task (as `stats_rows`)."""
+    R, W = x.shape
+    C = mean.size
     ntasks = row_tasks(R, rows_per_task)
-    p1 = np.empty((ntasks, C))
-    p2 = np.empty((ntasks, C))
+    p1 = np.empty((ntasks, W))
+    p2 = np.empty((ntasks, W))
+    m = _tiled(mean, W)
     for k in prange(ntasks):
-        grad_sums_rows_task(dy, x, k, rows_per_task, mean, p1, p2)
-    _sum_partials(p1, sum_dy)
-    _sum_partials(p2, sum_dy_xmu)
+        grad_sums_rows_task(dy, x, k, rows_per_task, m, p1, p2)
+    parts = ntasks * (W // C)
+    _sum_partials(p1.reshape(parts, C), sum_dy)
+    _sum_partials(p2.reshape(parts, C), sum_dy_xmu)
 
 
 @njit(**_OPTS)
@@ -641,9 +669,12 @@ def grad_sums_planes_task(dy, x, t, o_per, i_per, mean, p1, p2):
 
 @njit(parallel=True, **_OPTS)
 def grad_input_rows(dy, x, rows_per_task, mean, k_dy, mean_dy, k_x, dx):
-    """``dx = k_dy[c] * (dy - mean_dy[c]) - k_x[c] * (x - mean[c])`` on (R, C) views."""
+    """``dx = k_dy[c] * (dy - mean_dy[c]) - k_x[c] * (x - mean[c])`` on (R, C) views
+    (folded: tiled vectors, as `affine_rows`)."""
+    W = x.shape[1]
+    m, a, md, b = _tiled(mean, W), _tiled(k_dy, W), _tiled(mean_dy, W), _tiled(k_x, W)
     for k in prange(row_tasks(x.shape[0], rows_per_task)):
-        grad_input_rows_task(dy, x, k, rows_per_task, mean, k_dy, mean_dy, k_x, dx)
+        grad_input_rows_task(dy, x, k, rows_per_task, m, a, md, b, dx)
 
 
 @njit(**_OPTS)
@@ -785,6 +816,23 @@ def plan_sizes(outer, channels, inner):
 _plan = njit(**_OPS_OPTS)(plan_sizes)  # the compiled twin, for the operations below
 
 
+def fold_rows(outer, channels):
+    """Rows of a C-ordered rows view ``(outer, channels)`` that one folded row holds (1:
+    not folded), from the shape alone (``config.FOLD_ROWS_BELOW``): the smallest divisor
+    ``g`` of ``outer`` with ``g * channels >= FOLD_ROW_WIDTH``, up to 8 times that
+    width. Plain Python, also compiled below, as `plan_sizes`."""
+    if channels >= FOLD_ROWS_BELOW or channels < 1:
+        return 1
+    g0 = -(-FOLD_ROW_WIDTH // channels)
+    for g in range(g0, min(outer, 8 * g0) + 1):
+        if outer % g == 0:
+            return g
+    return 1
+
+
+_fold = njit(**_OPS_OPTS)(fold_rows)
+
+
 @njit(**_OPS_OPTS)
 def _norm_coeffs(var, eps, gamma, invstd, scale):
     """``invstd = 1 / sqrt(var + eps)``, ``scale = invstd * gamma`` (NaN for var + eps < 0)."""
@@ -797,20 +845,20 @@ def _norm_coeffs(var, eps, gamma, invstd, scale):
 
 @njit(**_OPS_OPTS)
 def train_rows(x, gamma, beta, eps, mean, var, invstd, y):
-    """Batch statistics of ``x`` (R, C) into mean/var/invstd, and ``y`` normalized."""
-    R, C = x.shape
-    rows, _ = _plan(R, C, 1)
+    """Batch statistics of ``x`` (R, C) into mean/var/invstd, and ``y`` normalized; ``x``
+    and ``y`` may be folded views of C = ``mean.size`` channels (see `fold_rows`)."""
+    rows, _ = _plan(x.shape[0], x.shape[1], 1)
     stats_rows(x, rows, mean, var)
-    scale = np.empty(C)
+    scale = np.empty(mean.size)
     _norm_coeffs(var, eps, gamma, invstd, scale)
     affine_rows(x, rows, mean, scale, beta, y)
 
 
 @njit(**_OPS_OPTS)
 def inference_rows(x, gamma, beta, moving_mean, moving_var, eps, y):
-    """``y`` normalized with the moving statistics, (R, C) views."""
-    R, C = x.shape
-    rows, _ = _plan(R, C, 1)
+    """``y`` normalized with the moving statistics, (R, C) views (folded or not)."""
+    rows, _ = _plan(x.shape[0], x.shape[1], 1)
+    C = moving_mean.size
     invstd = np.empty(C)
     scale = np.empty(C)
     _norm_coeffs(moving_var, eps, gamma, invstd, scale)
@@ -819,13 +867,15 @@ def inference_rows(x, gamma, beta, moving_mean, moving_var, eps, y):
 
 @njit(**_OPS_OPTS)
 def backward_rows(dy, x, gamma, mean, invstd, dx, dgamma, dbeta):
-    """Closed-form backward on (R, C) views: ``dx``, ``dgamma`` and ``dbeta`` (= sum(dy))."""
-    R, C = x.shape
-    rows, _ = _plan(R, C, 1)
+    """Closed-form backward on (R, C) views (folded or not): ``dx``, ``dgamma`` and
+    ``dbeta`` (= sum(dy))."""
+    R, W = x.shape
+    C = mean.size
+    rows, _ = _plan(R, W, 1)
     sum_dy_xmu = np.empty(C)
     grad_sums_rows(dy, x, rows, mean, dbeta, sum_dy_xmu)
     k_dy, mean_dy, k_x = np.empty(C), np.empty(C), np.empty(C)
-    _grad_coeffs(dbeta, sum_dy_xmu, invstd, gamma, R, dgamma, k_dy, mean_dy, k_x)
+    _grad_coeffs(dbeta, sum_dy_xmu, invstd, gamma, R * (W // C), dgamma, k_dy, mean_dy, k_x)
     grad_input_rows(dy, x, rows, mean, k_dy, mean_dy, k_x, dx)
 
 
@@ -990,12 +1040,23 @@ def _same_buffer(p, q):
     return carray(p, 1).ctypes.data == carray(q, 1).ctypes.data
 
 
+@njit(**_OPTS)
+def _rows_view(outer, C):
+    """The rows view of a dense (outer, C) buffer as the NumPy API takes it (folded, see
+    `fold_rows`): ``(rows, width, rows_per_task, fold)``."""
+    g = _fold(outer, C)
+    rows, _ = _plan(outer // g, g * C, 1)
+    return outer // g, g * C, rows, g
+
+
 def _entry_plan(outer, C, inner, sizes):
     s = carray(sizes, 3)
-    a, b = _plan(outer, C, inner)
     if inner == 1:
-        s[0] = s[1] = s[2] = row_tasks(outer, a)
+        R, _, a, g = _rows_view(outer, C)
+        s[0] = s[2] = row_tasks(R, a)
+        s[1] = s[0] * g  # a folded view's tasks give g partial results each
     else:
+        a, b = _plan(outer, C, inner)
         parts = plane_parts(outer, inner, a, b)
         s[0] = C * parts
         s[1] = parts
@@ -1003,14 +1064,15 @@ def _entry_plan(outer, C, inner, sizes):
 
 
 def _entry_stats(x, outer, C, inner, t0, t1, counts, pmean, pm2):
-    a, b = _plan(outer, C, inner)
     if inner == 1:
-        parts = row_tasks(outer, a)
-        xv = carray(x, (outer, C))
-        n, m, m2 = carray(counts, parts), carray(pmean, (parts, C)), carray(pm2, (parts, C))
+        R, W, a, g = _rows_view(outer, C)
+        tasks = row_tasks(R, a)
+        xv = carray(x, (R, W))
+        n, m, m2 = carray(counts, tasks * g), carray(pmean, (tasks, W)), carray(pm2, (tasks, W))
         for k in range(t0, t1):
             stats_rows_task(xv, k, a, n, m, m2)
     else:
+        a, b = _plan(outer, C, inner)
         parts = plane_parts(outer, inner, a, b)
         xv = carray(x, (outer, C, inner))
         n, m, m2 = carray(counts, parts), carray(pmean, (parts, C)), carray(pm2, (parts, C))
@@ -1030,17 +1092,19 @@ def _entry_norm_coeffs(var, C, eps, gamma, invstd, scale):
 
 
 def _entry_affine(x, y, outer, C, inner, t0, t1, center, scale, offset):
-    a, b = _plan(outer, C, inner)
     m, s, o = carray(center, C), carray(scale, C), carray(offset, C)
     in_place = _same_buffer(x, y)
     if inner == 1:
-        xv, yv = carray(x, (outer, C)), carray(y, (outer, C))
+        R, W, a, _ = _rows_view(outer, C)
+        m, s, o = _tiled(m, W), _tiled(s, W), _tiled(o, W)
+        xv, yv = carray(x, (R, W)), carray(y, (R, W))
         for k in range(t0, t1):
             if in_place:
                 affine_rows_task(xv, k, a, m, s, o, None)
             else:
                 affine_rows_task(xv, k, a, m, s, o, yv)
     else:
+        _, b = _plan(outer, C, inner)
         xv, yv = carray(x, (outer, C, inner)), carray(y, (outer, C, inner))
         for t in range(t0, t1):
             if in_place:
@@ -1050,15 +1114,17 @@ def _entry_affine(x, y, outer, C, inner, t0, t1, center, scale, offset):
 
 
 def _entry_grad_sums(dy, x, outer, C, inner, t0, t1, mean, p1, p2):
-    a, b = _plan(outer, C, inner)
     m = carray(mean, C)
     if inner == 1:
-        parts = row_tasks(outer, a)
-        gv, xv = carray(dy, (outer, C)), carray(x, (outer, C))
-        s1, s2 = carray(p1, (parts, C)), carray(p2, (parts, C))
+        R, W, a, _ = _rows_view(outer, C)
+        tasks = row_tasks(R, a)
+        gv, xv = carray(dy, (R, W)), carray(x, (R, W))
+        s1, s2 = carray(p1, (tasks, W)), carray(p2, (tasks, W))
+        m = _tiled(m, W)
         for k in range(t0, t1):
             grad_sums_rows_task(gv, xv, k, a, m, s1, s2)
     else:
+        a, b = _plan(outer, C, inner)
         parts = plane_parts(outer, inner, a, b)
         gv, xv = carray(dy, (outer, C, inner)), carray(x, (outer, C, inner))
         s1, s2 = carray(p1, (parts, C)), carray(p2, (parts, C))
@@ -1076,17 +1142,19 @@ def _entry_grad_coeffs(p1, p2, parts, C, n, invstd, gamma, dgamma, dbeta, k_dy, 
 
 
 def _entry_grad_input(dy, x, dx, outer, C, inner, t0, t1, mean, k_dy, mean_dy, k_x):
-    a, b = _plan(outer, C, inner)
     m, kd, md, kx = carray(mean, C), carray(k_dy, C), carray(mean_dy, C), carray(k_x, C)
     in_place = _same_buffer(dy, dx)
     if inner == 1:
-        gv, xv, dv = carray(dy, (outer, C)), carray(x, (outer, C)), carray(dx, (outer, C))
+        R, W, a, _ = _rows_view(outer, C)
+        m, kd, md, kx = _tiled(m, W), _tiled(kd, W), _tiled(md, W), _tiled(kx, W)
+        gv, xv, dv = carray(dy, (R, W)), carray(x, (R, W)), carray(dx, (R, W))
         for k in range(t0, t1):
             if in_place:
                 grad_input_rows_task(gv, xv, k, a, m, kd, md, kx, None)
             else:
                 grad_input_rows_task(gv, xv, k, a, m, kd, md, kx, dv)
     else:
+        _, b = _plan(outer, C, inner)
         shape = (outer, C, inner)
         gv, xv, dv = carray(dy, shape), carray(x, shape), carray(dx, shape)
         for t in range(t0, t1):

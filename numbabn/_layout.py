@@ -10,6 +10,12 @@ viewed through the same ``Layout`` so that the same index means the same element
 
 Only arrays whose axes cannot be merged into one strided axis (for example
 ``x[:, :, ::2]``) are copied, once, to a contiguous array.
+
+The CPU kernels see narrow rows folded (`prepare`): a C-ordered (R, C) view with fewer
+than ``config.FOLD_ROWS_BELOW`` channels becomes (R / g, g * C), g rows side by side
+(``Layout.fold``, from ``_kernels_cpu.fold_rows``), still a view; every array of the
+call is viewed so (one that cannot be, an ``out=`` of other strides, is written
+through a temporary; a ``dy``, copied).
 """
 
 import math
@@ -18,7 +24,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _pool
-from ._kernels_cpu import plan_sizes
+from ._kernels_cpu import fold_rows, plan_sizes
+from .config import FOLD_ROWS_BELOW
 
 
 class Layout(NamedTuple):
@@ -26,6 +33,7 @@ class Layout(NamedTuple):
     outer: int
     channels: int
     inner: int
+    fold: int = 1    # rows side by side in one row of the CPU kernels' view (`prepare`)
 
     @property
     def is_rows(self):
@@ -38,7 +46,7 @@ class Layout(NamedTuple):
 
     def plan(self):
         """Task sizes, from the shape alone (see ``config``): the key to determinism."""
-        sizes = plan_sizes(self.outer, self.channels, self.inner)
+        sizes = plan_sizes(self.outer // self.fold, self.channels * self.fold, self.inner)
         return sizes[:1] if self.is_rows else sizes
 
     def elementwise_plan(self):
@@ -80,14 +88,21 @@ def blocks(a, layout):
     """A view of ``a`` in ``layout``: 2-D rows or 3-D planes; ``None`` if that needs a copy."""
     if a.flags.c_contiguous and layout.perm == _IN_ORDER[a.ndim]:  # always a view
         if layout.inner == 1:
-            return a.reshape(layout.outer, layout.channels)
+            return a.reshape(layout.outer // layout.fold, layout.channels * layout.fold)
         return a.reshape(layout.outer, layout.channels, layout.inner)
     try:
         v = np.reshape(a.transpose(layout.perm), (layout.outer, layout.channels,
                                                   layout.inner), copy=False)
     except ValueError:
         return None
-    return v[:, :, 0] if layout.is_rows else v
+    if not layout.is_rows:
+        return v
+    v = v[:, :, 0]
+    if layout.fold == 1:
+        return v
+    if not v.flags.c_contiguous:
+        return None
+    return v.reshape(layout.outer // layout.fold, layout.channels * layout.fold)
 
 
 def input_blocks(a, layout):
@@ -108,12 +123,27 @@ def empty_like_layout(shape, dtype, layout):
     return walk.transpose(np.argsort(layout.perm))
 
 
+#: folded rows layouts (`prepare`), by the layout they fold
+_FOLDED = {}
+
+
 def prepare(x, axis):
-    """Layout of ``x`` and its blocks view; copies only unmergeable strided inputs."""
+    """Layout of ``x`` and its blocks view, for the CPU kernels (narrow rows folded when
+    ``x``'s rows are one run); copies only unmergeable strided inputs."""
     layout = layout_of(x, axis)
     v = blocks(x, layout)
     if v is None:
         x = np.ascontiguousarray(x)
         layout = layout_of(x, axis)
         v = blocks(x, layout)
+    if layout.inner == 1 and layout.channels < FOLD_ROWS_BELOW and v.flags.c_contiguous:
+        folded = _FOLDED.get(layout)
+        if folded is None:
+            folded = layout._replace(fold=fold_rows(layout.outer, layout.channels))
+            if len(_FOLDED) >= _MAX_PLANNED:
+                _FOLDED.clear()
+            _FOLDED[layout] = folded
+        if folded.fold > 1:
+            return folded, v.reshape(folded.outer // folded.fold,
+                                     folded.channels * folded.fold)
     return layout, v

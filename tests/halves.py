@@ -7,16 +7,18 @@ tests/cuda/test_cuda_bfloat16.py (the CUDA kernels). Needs ml_dtypes: import it 
 `round_to` is an exact rounding written with ``frexp`` and ``rint`` (no conversion
 routine involved); the ``exact_*`` functions recompute, with the same IEEE operations in
 the same order as the kernels, the float64 value each output is that value rounded once
-(see tests/test_half.py's docstring for what that promises).
+(see tests/test_half.py's docstring for what that promises); they live in exact.py, which
+the float32 tests use too.
 """
 
 import ml_dtypes
 import numpy as np
 
+from exact import EPS, exact_backward, exact_inference, exact_train  # noqa: F401 - re-exported
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
 HALVES = [F16, BF16]
-EPS = 1e-3
 
 #: format -> (significand bits, smallest normal exponent, largest finite value)
 FORMATS = {"float16": (11, -14, 65504.0), "bfloat16": (8, -126, float(ml_dtypes.finfo(BF16).max))}
@@ -51,30 +53,3 @@ def assert_rounded(got, want64, what=""):
 
 def every_pattern(dtype):
     return np.arange(1 << 16, dtype=np.uint16).view(dtype)
-
-
-def _bcast(v, ndim, axis):
-    shape = [1] * ndim
-    shape[axis] = -1
-    return np.asarray(v, np.float64).reshape(shape)
-
-
-def exact_train(x, gamma, beta, axis, stats):
-    b = lambda v: _bcast(v, x.ndim, axis)  # noqa: E731
-    scale = stats.invstd * gamma
-    return (x.astype(np.float64) - b(stats.mean)) * b(scale) + b(beta)
-
-
-def exact_inference(x, gamma, beta, mm, mv, axis, eps=EPS):
-    b = lambda v: _bcast(v, x.ndim, axis)  # noqa: E731
-    scale = (1.0 / np.sqrt(mv + eps)) * gamma
-    return (x.astype(np.float64) - b(mm)) * b(scale) + b(beta)
-
-
-def exact_backward(dy, x, gamma, axis, stats, dgamma, dbeta):
-    b = lambda v: _bcast(v, x.ndim, axis)  # noqa: E731
-    n = x.size // x.shape[axis]
-    k_dy = stats.invstd * gamma
-    k_x = k_dy * stats.invstd * dgamma / n
-    return (b(k_dy) * (dy.astype(np.float64) - b(dbeta / n))
-            - b(k_x) * (x.astype(np.float64) - b(stats.mean)))
