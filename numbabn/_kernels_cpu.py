@@ -3,7 +3,10 @@
 Two layouts cover every input (``_layout`` maps an array and its channel axis to one):
 
 * rows ``(R, C)``: channels are the contiguous axis (NHWC, (N, C)). A task owns a block
-  of rows and all channels; the inner loop runs over channels and vectorizes.
+  of rows and all channels; the inner loop runs over channels and vectorizes. Fewer than
+  ``config.FOLD_ROWS_BELOW`` channels make too short a loop: such a view arrives folded,
+  (R / g, g * C) (`fold_rows`), and the rows kernels tile the per-channel vectors to its
+  width and merge each channel's g columns (C is the vectors' length, never the view's).
 * planes ``(O, C, I)``: each channel is a run of ``I`` contiguous elements per outer
   index (NCHW). A reduction task owns one channel over a block of the ``(O, I)`` plane
   and keeps ``config.LANES`` accumulators so the inner loop vectorizes without
