@@ -263,6 +263,27 @@ def test_other_strides_work_and_keep_torchs_output_strides(view):
         tc.assert_close(a, b, torch.float64, name)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (8, 16, 32, 32)])  # the second: outputs
+def test_in_place_ops_may_follow_the_module(shape, memory_format):  # from numbabn's pool
+    """As after torch's module, an in-place op (ResNet's ``ReLU(inplace=True)``) may
+    modify the output in training and in eval: it is no view of another tensor."""
+    x = tc.make_x(shape, memory_format, torch.float32, seed=4)
+    ours, oracle = tc.pair(2, shape[1], torch.float32)
+    for training in (True, False):
+        results = []
+        for module, dtype in ((ours, torch.float32), (oracle, torch.float64)):
+            module.train(training)
+            leaf = x.detach().to(dtype).requires_grad_(True)
+            y = module(leaf)
+            assert y._base is None
+            torch.relu_(y)
+            y.sum().backward()
+            results.append((y, leaf.grad))
+        for name, a, b in zip(("y", "dx"), *results):
+            tc.assert_close(a, b, torch.float32, f"{name} training={training}")
+
+
 def test_readme_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     block = next(b for b in blocks if "import numbabn.torch" in b)

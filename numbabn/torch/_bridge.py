@@ -102,8 +102,11 @@ def _empty_like(x, dtype):
     if not dense:
         return torch.empty_like(x, dtype=dtype)
     flat = _pool.empty((x.numel(),), _NUMPY_DTYPES[dtype])
+    # A tensor of its own, not a view of another tensor: autograd refuses in-place ops
+    # (a following ReLU(inplace=True)) on a view returned by a custom Function. So the
+    # strides are set in NumPy, with the ndarray constructor (~2 us; as_strided ~5).
     strides = [s * itemsize for s in x.stride()]
-    return torch.from_numpy(np.lib.stride_tricks.as_strided(flat, x.shape, strides))
+    return torch.from_numpy(np.ndarray(x.shape, flat.dtype, flat, 0, strides))
 
 
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32,
