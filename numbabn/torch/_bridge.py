@@ -208,8 +208,9 @@ def _param_arrays(n, *vs):
     the copy, which costs as much as the kernel at (64, 256). Above the threshold, where
     the parallel kernels run and the copy is noise, and with a parameter missing: each
     one's float64 copy, so the parallel kernels (and the TensorFlow op's entry points)
-    stay compiled for float64 vectors alone. (One ``astype`` each: ~6 us for weight and
-    bias, ~9.5 for all four, where one ``torch.cat`` and one ``astype`` took 16-18 us.)
+    stay compiled for float64 vectors alone. (One ``astype`` each, timed in one process
+    against one ``torch.cat`` and one ``astype``: weight and bias 9.5 against 17.6 us;
+    all four the same, 17.0 against 16.1.)
     """
     present = [v for v in vs if v is not None]
     if not present:
