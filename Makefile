@@ -34,25 +34,29 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# each environment also builds numbabn's TensorFlow op (keras_layer/_native; ~20 s once,
-# skipped with a note where there is no C++ compiler)
-OP_SOURCE := keras_layer/_native/numbabn_ops.cc
+# each environment also builds numbabn's TensorFlow op (keras_layer/_native; ~20 s once)
+# and, with PyTorch, its PyTorch op (numbabn/torch/_native; ~40 s once); each is skipped
+# with a note where there is no C++ compiler
+OP_SOURCE := keras_layer/_native/numbabn_ops.cc numbabn/_native/buffer_pool.h
+TORCH_OP_SOURCE := numbabn/torch/_native/numbabn_torch.cc numbabn/_native/buffer_pool.h
 
 $(VENV)/.demo: $(BIN)/python pyproject.toml $(OP_SOURCE)
 	$(BIN)/pip install --quiet -e ".[demo]"
 	$(BIN)/python -m keras_layer._native
 	touch $@
 
-$(VENV)/.test: $(BIN)/python pyproject.toml $(OP_SOURCE)
+$(VENV)/.test: $(BIN)/python pyproject.toml $(OP_SOURCE) $(TORCH_OP_SOURCE)
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[test,demo]"
 	$(BIN)/python -m keras_layer._native
+	$(BIN)/python -m numbabn.torch._native
 	touch $@
 
-$(VENV)/.bench: $(BIN)/python pyproject.toml $(OP_SOURCE)
+$(VENV)/.bench: $(BIN)/python pyproject.toml $(OP_SOURCE) $(TORCH_OP_SOURCE)
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[bench,torch]"
 	$(BIN)/python -m keras_layer._native
+	$(BIN)/python -m numbabn.torch._native
 	touch $@
 
 ## demo: LeNet with BN on digits in Keras, stock layer vs numbabn's, prints the comparison
@@ -64,9 +68,10 @@ demo-numpy: $(VENV)/.demo
 	$(BIN)/python demo/mlp_digits.py
 
 # demo-torch: PyTorch ($(TORCH), see above) and scikit-learn only, no TensorFlow
-$(VENV)/.demo-torch: $(BIN)/python pyproject.toml
+$(VENV)/.demo-torch: $(BIN)/python pyproject.toml $(TORCH_OP_SOURCE)
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[torch]" "scikit-learn>=1.3"
+	$(BIN)/python -m numbabn.torch._native
 	touch $@
 
 ## demo-torch: the seeds' LeNet with BN on digits in PyTorch, stock nn.BatchNorm vs numbabn's, prints the comparison

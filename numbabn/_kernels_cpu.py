@@ -287,8 +287,9 @@ def stats_short_runs(x2, I, rows_per_task, mean, var):
     task), so a task adds its channel's I columns before it converts to (mean, M2) once
     per channel; tasks merge with Chan's rule as everywhere.
 
-    Not ``parallel``, and only in ``train_short``, which ``_cpu`` picks (so compiled on
-    first use, never into the TensorFlow op's C entry points): short runs are mostly
+    Not ``parallel``, and only in ``train_short``, which ``_cpu`` picks, and PyTorch's op
+    (``stats_short``, an entry point of its own, compiled on request: never into the
+    TensorFlow op's, whose channels-last maps are rows): short runs are mostly
     small inputs, which run serially anyway (``config.SERIAL_BELOW``), and inside
     ``stats_planes`` (a parfor) they made the op's parallel entry points take 35.6 s
     instead of 21.4 s to compile with a cold cache. One thread through whole images is
@@ -1004,9 +1005,9 @@ SERIAL = _serial_twins(_SERIAL_NAMESPACE)
 
 
 # ==================================================================== C entry points
-# For callers without Python: numbabn's TensorFlow op (``keras_layer._native``) calls
-# these ``@cfunc`` functions with raw pointers into buffers TensorFlow allocated, and runs
-# them on TensorFlow's own thread pool. They are the whole operations above taken apart:
+# For callers without Python: numbabn's TensorFlow op (``keras_layer._native``) and its
+# PyTorch op (``numbabn.torch._native``) call these ``@cfunc`` functions with raw pointers
+# into buffers the framework allocated, and run them on the framework's own thread pool. They are the whole operations above taken apart:
 # each pass is split into the tasks of its ``prange`` loop (the task functions above,
 # the same split, from the shape alone), the caller runs tasks [t0, t1) per call on as
 # many threads as it likes (a task writes its own partial result or its own elements),
@@ -1035,6 +1036,12 @@ SERIAL = _serial_twins(_SERIAL_NAMESPACE)
 # training: plan, stats over all reduction tasks, train_coeffs, affine (center = mean)
 # over all elementwise tasks; inference: norm_coeffs, affine (center = moving mean);
 # backward: grad_sums, grad_coeffs (n = outer * inner), grad_input.
+#
+# Runs shorter than LANES (1 < inner < LANES, `short_runs`; the NumPy API's
+# ``train_short`` / ``backward_short``) take their reductions whole, on the calling thread:
+#   stats_short(x: T*, outer, C, inner, mean, var)  then norm_coeffs
+#   grad_sums_short(dy: T*, x: T*, outer, C, inner, mean, sum_dy, sum_dy_xmu)  then
+#       grad_coeffs with parts = 1 (p1 = sum_dy, p2 = sum_dy_xmu)
 
 
 @njit(**_OPTS)
@@ -1167,6 +1174,22 @@ def _entry_grad_input(dy, x, dx, outer, C, inner, t0, t1, mean, k_dy, mean_dy, k
                 grad_input_planes_task(gv, xv, t, b, m, kd, md, kx, dv)
 
 
+def _entry_stats_short(x, outer, C, inner, mean, var):
+    # runs shorter than LANES (`short_runs`): the statistics of ``train_short``, whole, on
+    # the calling thread (as there); the result is merged, not partial
+    stats_short_runs(carray(x, (outer, C * inner)), inner, _plan(outer, C * inner, 1)[0],
+                     carray(mean, C), carray(var, C))
+
+
+def _entry_grad_sums_short(dy, x, outer, C, inner, mean, sum_dy, sum_dy_xmu):
+    # the sums of ``backward_short``, whole: one partial result (``parts`` = 1 for
+    # ``grad_coeffs``, whose sum over one part gives these bits back)
+    shape = (outer, C * inner)
+    grad_sums_short_runs(carray(dy, shape), carray(x, shape), inner,
+                         _plan(outer, C * inner, 1)[0], carray(mean, C), carray(sum_dy, C),
+                         carray(sum_dy_xmu, C))
+
+
 _i64 = types.int64
 _f64 = types.CPointer(types.float64)
 #: the entry points that do not depend on the element type: (body, signature)
@@ -1192,28 +1215,40 @@ def _element_entries(t):
     }
 
 
+def _short_entries(t):
+    """The short-run entry points (PyTorch's op; channels-first maps smaller than 8x8)."""
+    p = types.CPointer(t)
+    return {
+        "stats_short": (_entry_stats_short, types.void(p, *[_i64] * 3, _f64, _f64)),
+        "grad_sums_short": (_entry_grad_sums_short, types.void(p, p, *[_i64] * 3, *[_f64] * 3)),
+    }
+
+
 _entry_points = {}
 _entry_lock = threading.Lock()  # a set compiles whole before anyone reads it
 
 
-def c_entry_points(dtype):
+def c_entry_points(dtype, short_runs=False):
     """``{name: address}`` of the C entry points above for elements of ``dtype``
     ("float32", "float64", or "uint16"/"int16" for float16/bfloat16 bits), with the
     element-free ones (``plan``, ``train_coeffs``, ``norm_coeffs``, ``grad_coeffs``),
+    and with ``short_runs`` the short-run ones (``stats_short``, ``grad_sums_short``),
     compiled (or loaded from Numba's cache) on first use; the functions stay alive as long
     as the process. A dtype's set takes ~10 s to compile with a cold cache."""
     dtype = str(dtype)
+    t = getattr(types, dtype)
+    sets = [("common", _COMMON_ENTRIES), (dtype, _element_entries(t))]
+    if short_runs:
+        sets.append(("short " + dtype, _short_entries(t)))
     # cfunc compiles and saves to the cache as it is created: under the cache's lock
     # (see numbabn._cache); a process that waited for it then loads what was saved
     with _entry_lock, _cache.locked(_cache.cache_path(row_tasks)):
-        for key, entries in (("common", _COMMON_ENTRIES),
-                             (dtype, _element_entries(getattr(types, dtype)))):
+        for key, entries in sets:
             if key not in _entry_points:
                 _entry_points[key] = {
                     name: cfunc(signature, cache=True, error_model="numpy")(body)
                     for name, (body, signature) in entries.items()}
-        return {name: f.address for key in ("common", dtype)
-                for name, f in _entry_points[key].items()}
+        return {name: f.address for key, _ in sets for name, f in _entry_points[key].items()}
 
 
 # every cached function above saves to Numba's cache under a lock (see numbabn._cache)

@@ -8,10 +8,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch_cases as tc  # noqa: E402
+from torch_cases import path  # noqa: E402,F401 - the fixture (both eager CPU paths)
 
 import numbabn.torch as nbt  # noqa: E402
 
 
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
                          ids=["NCHW", "NHWC"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -34,6 +36,7 @@ def test_gradcheck_float64(training, memory_format):
     assert torch.autograd.gradcheck(f, (x, m.weight, m.bias))
 
 
+@pytest.mark.usefixtures("path")
 def test_double_backward_is_a_clear_error():
     m = nbt.BatchNorm1d(3, dtype=torch.float64)
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)

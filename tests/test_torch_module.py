@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 import numbabn.torch as nbt  # noqa: E402
 from numbabn import _cpu  # noqa: E402
-from numbabn.torch import _bridge  # noqa: E402
+from numbabn.torch import _bridge, modules  # noqa: E402
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -168,7 +168,9 @@ def test_mixed_devices_name_both():
 
 @pytest.mark.parametrize("layout", tc.LAYOUTS, ids=tc.LAYOUT_IDS)
 def test_memory_formats_are_read_and_written_in_place(layout, monkeypatch):
-    """The kernels get views of the tensor's own storage (no copy of x, dy or y)."""
+    """On the Python path the kernels get views of the tensor's own storage (no copy of
+    x, dy or y). (The compiled op's counterpart: tests/test_torch_native.py.)"""
+    monkeypatch.setattr(modules, "_NATIVE_ENABLED", False)
     _, shape, kind, memory_format = layout
     views = []
     real_prepare, real_output = _cpu.prepare, _cpu._output

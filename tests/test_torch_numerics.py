@@ -13,6 +13,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch_cases  # noqa: E402,F401 - one thread for PyTorch, as the other torch tests
+from torch_cases import path  # noqa: E402,F401 - the fixture
+
+# on both eager CPU paths (the compiled op and the Python path)
+pytestmark = pytest.mark.usefixtures("path")
 
 import numbabn.torch as nbt  # noqa: E402
 

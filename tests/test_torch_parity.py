@@ -12,6 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch_cases as tc  # noqa: E402
+from torch_cases import path  # noqa: E402,F401 - the fixture
+
+# every test on both eager CPU paths (the compiled op and the Python path)
+pytestmark = pytest.mark.usefixtures("path")
 
 OPTIONS = [
     dict(),

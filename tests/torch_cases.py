@@ -5,6 +5,7 @@ after ``pytest.importorskip("torch")``.
 """
 
 import numpy as np
+import pytest
 import torch
 
 from cases import tolerance as _numpy_tolerance
@@ -16,6 +17,24 @@ import numbabn.torch as nbt
 # runners, this 2-core one) a small stock batch-norm step then takes ~65 ms instead of
 # ~1 ms, and the oracle dominates the suite. The tests compare values, not speeds.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(params=["native", "python"])
+def path(request, monkeypatch):
+    """Run a test on each of the modules' eager CPU paths: the compiled op
+    (``numbabn.torch._native``, taken by default) and the Python path (taken without a
+    compiler, and for strided, CUDA and traced input). Use it with
+    ``pytestmark = pytest.mark.usefixtures("path")`` after importing it."""
+    from numbabn.torch import _native, modules
+
+    if request.param == "native":
+        if not modules._NATIVE_ENABLED:
+            pytest.skip("NUMBABN_TORCH_OP=0: the compiled op is switched off")
+        assert _native.load() is not None, _native._state.get("why")
+    else:
+        monkeypatch.setattr(modules, "_NATIVE_ENABLED", False)
+    return request.param
+
 
 STOCK = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
 OURS = {1: nbt.BatchNorm1d, 2: nbt.BatchNorm2d, 3: nbt.BatchNorm3d}

@@ -10,7 +10,7 @@ second thread pool per call, where ``tf.numpy_function`` has all four (see
 The library is compiled once per TensorFlow version and source (``make test`` and
 ``make demo`` build it; otherwise the first use does, ~20 s) with the C++ compiler and
 ``tf.sysconfig``'s flags, into ``NUMBABN_OP_DIR``, ``~/.cache/numbabn`` or a temporary
-folder where that is not writable (`_root`). `load` returns
+folder where that is not writable (``numbabn._native.root``). `load` returns
 ``None``, and the layer keeps the ``tf.numpy_function`` bridge, with one note saying why,
 when the op cannot be used: no compiler, a failed build, or ``NUMBABN_TF_OP=0`` in the
 environment.
@@ -19,15 +19,16 @@ environment.
 import ctypes
 import hashlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
+from numbabn import _native as _build
+
 SOURCE = Path(__file__).with_name("numbabn_ops.cc")
+#: numbabn's headers for its compiled ops (the buffer pool)
+INCLUDE = _build.INCLUDE
 
 #: ``numbabn_set_entry`` slots, in the order of ``enum Slot`` and ``ElementEntry`` in
 #: numbabn_ops.cc: the element-free entry points, then each element type's.
@@ -40,14 +41,10 @@ _lock = threading.Lock()
 _state = {}  # "ops": the loaded module or None; "why": the reason it is None
 
 
-def _compiler():
-    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-
-
 def _flags():
     import tensorflow as tf
 
-    return (["-shared", "-fPIC", "-O2", "-w"] + tf.sysconfig.get_compile_flags()
+    return (["-shared", "-fPIC", "-O2", "-w", f"-I{INCLUDE}"] + tf.sysconfig.get_compile_flags()
             + tf.sysconfig.get_link_flags())
 
 
@@ -55,24 +52,10 @@ def library_path():
     """Where the compiled library for this source and TensorFlow lives (built or not)."""
     import tensorflow as tf
 
-    key = hashlib.sha256(SOURCE.read_bytes() + tf.__version__.encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + (INCLUDE / "buffer_pool.h").read_bytes()
+                         + tf.__version__.encode()
                          + " ".join(_flags()).encode()).hexdigest()[:16]
-    return _root() / f"numbabn_tf_ops_{key}.so"
-
-
-def _root():
-    """``NUMBABN_OP_DIR``, else ``~/.cache/numbabn``, else (not writable) a folder in the
-    temporary directory."""
-    if os.environ.get("NUMBABN_OP_DIR"):
-        return Path(os.environ["NUMBABN_OP_DIR"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "numbabn")
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        if os.access(cache, os.W_OK):
-            return cache
-    except OSError:
-        pass
-    return Path(tempfile.gettempdir(), f"numbabn-{os.getuid()}")
+    return _build.root() / f"numbabn_tf_ops_{key}.so"
 
 
 def build(quiet=False):
@@ -83,30 +66,8 @@ def build(quiet=False):
     RuntimeError
         No C++ compiler, or the compiler failed (its output is in the message).
     """
-    path = library_path()
-    if path.exists():
-        return path
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    if not quiet:
-        print(f"numbabn: compiling its TensorFlow op into {path} (once, ~20 s)",
-              file=sys.stderr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a temporary name and rename: concurrent builds (test workers, asv) never
-    # load a half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cxx, str(SOURCE), "-o", tmp, *_flags()], capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} failed:\n{proc.stderr[-4000:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return _build.compile_library(SOURCE, library_path(), _flags(), "TensorFlow op", "~20 s",
+                                  quiet)
 
 
 #: the entry points each tensor dtype runs: float16 and bfloat16 run those compiled on

@@ -24,15 +24,10 @@
 // mixed_float16 / mixed_bfloat16 policies their parameters are float32.
 //
 // Full-size outputs: an output takes over its input's buffer when TensorFlow allows it
-// (nothing else reads the input); otherwise, at 256 KiB and more, it comes from a pool
-// of buffers that return to the pool when TensorFlow drops the last reference to them
-// (a TensorBuffer's destructor), so no buffer is reused while anything reads it. Here
-// TensorFlow's CPU allocator hands out fresh pages for every large tensor (a 51 MB
-// output: 12,500 page faults, ~15-30 ms a call); the pool's buffers are faulted in once
-// (and asked for transparent huge pages). The pool keeps at most NUMBABN_POOL_MB
-// (default 1024) MB of free buffers, freeing the oldest beyond that.
-
-#include <sys/mman.h>
+// (nothing else reads the input); otherwise, at 256 KiB and more, it comes from numbabn's
+// pool of reused buffers (numbabn/_native/buffer_pool.h), returned to the pool by the
+// TensorBuffer's destructor when TensorFlow drops the last reference: TensorFlow's CPU
+// allocator hands out fresh pages for every large tensor.
 
 #include <algorithm>
 #include <atomic>
@@ -44,6 +39,7 @@
 #include <mutex>
 #include <vector>
 
+#include "buffer_pool.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -60,6 +56,7 @@
 
 namespace {
 
+using numbabn::BufferPool;
 using tensorflow::DEVICE_CPU;
 using tensorflow::OpKernel;
 using tensorflow::OpKernelConstruction;
@@ -97,76 +94,6 @@ using GradCoeffsFn = void (*)(const double*, const double*, int64_t, int64_t, in
 using GradInputFn = void (*)(const void*, const void*, void*, int64_t, int64_t, int64_t,
                              int64_t, int64_t, const double*, const double*, const double*,
                              const double*);
-
-// ------------------------------------------------------------------- the buffer pool
-
-class BufferPool {
- public:
-  static BufferPool& Get() {
-    static BufferPool* pool = new BufferPool();  // never destroyed: buffers outlive exit
-    return *pool;
-  }
-
-  void* Acquire(size_t bytes) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = free_.find(bytes);
-      if (it != free_.end()) {
-        void* p = it->second.data;
-        free_.erase(it);
-        cached_ -= bytes;
-        return p;
-      }
-    }
-    void* p = std::aligned_alloc(kAlign, RoundUp(bytes));
-    if (p != nullptr) madvise(p, RoundUp(bytes), MADV_HUGEPAGE);  // advice only
-    return p;
-  }
-
-  void Release(void* p, size_t bytes) {
-    std::vector<void*> drop;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      free_.emplace(bytes, Entry{p, ++clock_});
-      cached_ += bytes;
-      while (cached_ > limit_ && !free_.empty()) {  // the least recently freed first
-        auto oldest = free_.begin();
-        for (auto it = free_.begin(); it != free_.end(); ++it) {
-          if (it->second.stamp < oldest->second.stamp) oldest = it;
-        }
-        cached_ -= oldest->first;
-        drop.push_back(oldest->second.data);
-        free_.erase(oldest);
-      }
-    }
-    for (void* q : drop) std::free(q);
-  }
-
-  size_t cached_bytes() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return cached_;
-  }
-
-  static constexpr size_t kAlign = 64;
-  static constexpr size_t kMinBytes = 256 << 10;
-
- private:
-  struct Entry {
-    void* data;
-    uint64_t stamp;
-  };
-
-  BufferPool() {
-    const char* mb = std::getenv("NUMBABN_POOL_MB");
-    limit_ = (mb ? std::strtoull(mb, nullptr, 10) : 1024ull) << 20;
-  }
-  static size_t RoundUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-
-  std::mutex mu_;
-  std::multimap<size_t, Entry> free_;
-  size_t cached_ = 0, limit_ = 0;
-  uint64_t clock_ = 0;
-};
 
 class PooledBuffer : public tensorflow::TensorBuffer {
  public:

@@ -18,15 +18,19 @@ SyncBatchNorm
 
 What runs where
 ---------------
-CPU tensors run numbabn's CPU kernels on NumPy views of the tensors' storage: every
-memory format (contiguous, ``torch.channels_last``, ``torch.channels_last_3d``) is read
-in place, and the output, allocated by PyTorch, has the input's memory format. CUDA
-tensors run numbabn's CUDA kernels (``numbabn[cuda]``) on PyTorch's current stream,
-without copies or host synchronization. float32, float64, float16 and bfloat16 are read
-and written by the kernels themselves on both devices (float64 arithmetic, one rounding
-per output; bfloat16 as an ``ml_dtypes.bfloat16`` view of the tensor, through one
-float32 copy without ml_dtypes). Statistics and gradient sums are always accumulated in
-float64.
+Eager calls on CPU tensors in torch's memory formats (contiguous, ``torch.channels_last``,
+``torch.channels_last_3d``) run numbabn's compiled PyTorch op (``numbabn.torch._native``:
+one call into C++ per module call, a C++ autograd node, the kernels' tasks on PyTorch's
+thread pool); traced code, other strides and subclasses overriding ``_batch_norm_train``
+take the Python path, which runs numbabn's CPU kernels on NumPy views of the tensors'
+storage, as does everything when the op cannot be built (no compiler; one warning).
+Both read every memory format in place, give the same bits, and write an output of the
+input's memory format. CUDA tensors run numbabn's CUDA kernels (``numbabn[cuda]``) on
+PyTorch's current stream, without copies or host synchronization. float32, float64,
+float16 and bfloat16 are read and written by the kernels themselves on both devices
+(float64 arithmetic, one rounding per output; bfloat16 on the Python path as an
+``ml_dtypes.bfloat16`` view of the tensor, through one float32 copy without ml_dtypes).
+Statistics and gradient sums are always accumulated in float64.
 
 Autograd, ``torch.compile`` and ``gradcheck`` work through the custom operators
 ``numbabn::batch_norm_train``, ``numbabn::batch_norm_inference`` and

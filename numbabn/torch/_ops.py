@@ -15,7 +15,9 @@ dtypes and strides (``torch.empty_like`` keeps the memory format in both), so
 AOTAutograd traces the backward graph as well. The autograd formulas save ``x``,
 ``weight`` and per-channel vectors only: nothing else of ``x``'s size.
 
-Eager calls do not go through the operators: `train` and `inference` below run the
+Eager calls do not go through the operators (and eager calls on CPU tensors in torch's
+memory formats not through this module at all: the modules call the compiled op,
+``numbabn.torch._native``, when it is built): `train` and `inference` below run the
 same bridge functions (``_bridge``, the one implementation of the maths) through a
 ``torch.autograd.Function``, or directly when no gradient is wanted, unless
 ``torch.compiler.is_compiling()``. The operator dispatcher (schema parsing, the

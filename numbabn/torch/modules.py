@@ -4,10 +4,14 @@ They subclass ``torch.nn.modules.batchnorm._BatchNorm`` and keep its constructor
 parameters, buffers, ``state_dict`` keys and ``extra_repr``; only ``forward`` differs:
 it mirrors ``_BatchNorm.forward`` and ``torch.nn.functional.batch_norm`` branch by branch
 (which statistics normalize, when and how the buffers are updated, the checks) and
-runs numbabn's kernels (``_ops.train`` / ``_ops.inference``: the custom operators when
-traced, the same bridge functions without the dispatcher eagerly) instead of
-``torch.batch_norm``.
+runs numbabn's kernels instead of ``torch.batch_norm``: eagerly on CPU tensors in
+torch's memory formats, the compiled op (``_native``: statistics, running update and
+output in one call, autograd in C++); otherwise ``_ops.train`` / ``_ops.inference``
+(the custom operators when traced, the same bridge functions without the dispatcher
+eagerly) and the running update here. Both give the same bits.
 """
+
+import os
 
 import numba
 import numpy as np
@@ -15,7 +19,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _cache
-from . import _bridge, _ops
+from . import _bridge, _native, _ops
 
 
 @numba.njit(cache=True)
@@ -29,6 +33,15 @@ def _moving_update(running_mean, running_var, mean, var, factor, bessel):
 
 
 _cache.lock_saves([_moving_update])  # see numbabn._cache
+
+
+_NATIVE_DTYPES = {torch.float32: "float32", torch.float64: "float64",
+                  torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+#: the compiled op may be tried (``NUMBABN_TORCH_OP`` is not ``0``; read at import)
+_NATIVE_ENABLED = os.environ.get("NUMBABN_TORCH_OP", "1") != "0"
 
 
 def _parameter_dtype_fits(param_dtype, input_dtype):
@@ -82,12 +95,34 @@ class _NumbabnBatchNorm(_BatchNorm):
         if input.numel() == 0:
             return self._empty_batch(input)
 
+        if eager and self._native_path(input):
+            op = _native.ensure(_NATIVE_DTYPES[input.dtype])
+            if op is not None:  # the whole call in C++ (see numbabn.torch._native)
+                if bn_training:
+                    if running_mean is None or running_var is None:
+                        running_mean = running_var = None
+                    return op(input, weight, bias, running_mean, running_var, True,
+                              float(factor), self.eps)
+                return op(input, weight, bias, running_mean, running_var, False, 0.0,
+                          self.eps)
         if not bn_training:
             return _ops.inference(input, weight, bias, running_mean, running_var, self.eps)
         y, mean, var, count = self._batch_norm_train(input)
         if running_mean is not None and running_var is not None:
             self._update_running_stats(running_mean, running_var, mean, var, count, factor)
         return y
+
+    def _native_path(self, input):
+        """Whether ``input`` goes to the compiled op: a CPU tensor, contiguous or in its
+        rank's channels-last format (other strides take the Python path, which reads
+        them in place), outside functorch transforms, in a module whose batch statistics
+        are this class's own (a subclass overriding `_batch_norm_train` keeps its seam)."""
+        return (_NATIVE_ENABLED and input.is_cpu
+                and type(self)._batch_norm_train is _NumbabnBatchNorm._batch_norm_train
+                and (input.is_contiguous() or (
+                    input.dim() in _CHANNELS_LAST
+                    and input.is_contiguous(memory_format=_CHANNELS_LAST[input.dim()])))
+                and not torch._C._are_functorch_transforms_active())
 
     def _batch_norm_train(self, input):
         """Normalize ``input`` with batch statistics: ``(y, mean, var, count)``.

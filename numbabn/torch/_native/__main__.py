@@ -1,0 +1,5 @@
+"""``python -m numbabn.torch._native``: build numbabn's PyTorch op ahead of first use."""
+
+from . import main
+
+main()
