@@ -37,8 +37,9 @@ $(BIN)/python:
 # each environment also builds numbabn's TensorFlow op (keras_layer/_native; ~20 s once)
 # and, with PyTorch, its PyTorch op (numbabn/torch/_native; ~40 s once); each is skipped
 # with a note where there is no C++ compiler
-OP_SOURCE := keras_layer/_native/numbabn_ops.cc numbabn/_native/buffer_pool.h
-TORCH_OP_SOURCE := numbabn/torch/_native/numbabn_torch.cc numbabn/_native/buffer_pool.h
+OP_SOURCE := keras_layer/_native/numbabn_ops.cc numbabn/_native/buffer_pool.h numbabn/_native/entry_points.h
+TORCH_OP_SOURCE := numbabn/torch/_native/numbabn_torch.cc numbabn/_native/buffer_pool.h \
+	numbabn/_native/entry_points.h
 
 $(VENV)/.demo: $(BIN)/python pyproject.toml $(OP_SOURCE)
 	$(BIN)/pip install --quiet -e ".[demo]"

@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 
 from cases import tolerance
@@ -98,3 +103,14 @@ def c_entry_point_ops(element, shape, axis, step=1, in_place=False):
         return dx, dgamma, dbeta
 
     return train, backward
+
+
+def run_python(code, **env):
+    """Run ``code`` (dedented) in a fresh interpreter with ``env`` added to the
+    environment and the repository and tests/ importable; the CompletedProcess."""
+    full = dict(os.environ, **env)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"),
+                                          full.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full,
+                          capture_output=True, text=True, timeout=300)

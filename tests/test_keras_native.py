@@ -7,16 +7,13 @@ concurrent calls from TensorFlow's thread pools, and fall back to tf.numpy_funct
 one note where it cannot be built.
 """
 
-import os
 import resource
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 import keras_helpers as kh  # noqa: F401 - sets TensorFlow's log level first
+from helpers import run_python
 import tensorflow as tf
 
 import numbabn as nbn
@@ -164,15 +161,6 @@ def test_concurrent_ops_from_tensorflow_threads():
             assert got.numpy().tobytes() == want.tobytes()
 
 
-def _subprocess(code, **env):
-    full = dict(os.environ, **env)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    full["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"),
-                                          full.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full,
-                          capture_output=True, text=True, timeout=300)
-
-
 FALLBACK = """
     import warnings
     import numpy as np
@@ -192,14 +180,14 @@ FALLBACK = """
 
 
 def test_without_a_compiler_the_layer_falls_back_with_one_note(tmp_path):
-    proc = _subprocess(FALLBACK, CXX="/bin/false", NUMBABN_OP_DIR=str(tmp_path))
+    proc = run_python(FALLBACK, CXX="/bin/false", NUMBABN_OP_DIR=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("1 "), proc.stdout
     assert "could not be compiled" in proc.stdout and "tf.numpy_function" in proc.stdout
 
 
 def test_opting_out_uses_numpy_function_silently():
-    proc = _subprocess(FALLBACK, NUMBABN_TF_OP="0")
+    proc = run_python(FALLBACK, NUMBABN_TF_OP="0")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("0 "), proc.stdout
     assert "NUMBABN_TF_OP=0" in proc.stdout
@@ -352,7 +340,7 @@ HALF_FALLBACK = """
 def test_half_precision_without_the_op_uses_numpy_function():
     """Under mixed_float16 / mixed_bfloat16 without the compiled op (NUMBABN_TF_OP=0),
     the tf.numpy_function bridge still gives the stock layer's values."""
-    proc = _subprocess(HALF_FALLBACK, NUMBABN_TF_OP="0")
+    proc = run_python(HALF_FALLBACK, NUMBABN_TF_OP="0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok "), proc.stdout
     assert "NUMBABN_TF_OP=0" in proc.stdout

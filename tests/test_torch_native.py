@@ -2,16 +2,12 @@
 tensors in torch's memory formats, the Python path's bits, no copies, its buffer pool,
 and the fallback without a compiler."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import torch_cases as tc  # noqa: E402
+from helpers import run_python  # noqa: E402
 
 from numbabn import config  # noqa: E402
 from numbabn.torch import _bridge, _native, modules  # noqa: E402
@@ -128,15 +124,6 @@ def test_pooled_outputs_are_not_reused_while_held_and_memory_stays_bounded():
     assert _native.pool_cached_bytes() <= cached + 2 * x.numel() * 4
 
 
-def _subprocess(code, **env):
-    full = dict(os.environ, **env)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    full["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"),
-                                          full.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full,
-                          capture_output=True, text=True, timeout=300)
-
-
 FALLBACK = """
     import warnings
     import torch
@@ -155,13 +142,13 @@ FALLBACK = """
 
 
 def test_without_a_compiler_the_modules_fall_back_with_one_note(tmp_path):
-    proc = _subprocess(FALLBACK, CXX="/bin/false", NUMBABN_OP_DIR=str(tmp_path))
+    proc = run_python(FALLBACK, CXX="/bin/false", NUMBABN_OP_DIR=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("1 "), proc.stdout
     assert "could not be compiled" in proc.stdout and "Python path" in proc.stdout
 
 
 def test_opting_out_uses_the_python_path_silently():
-    proc = _subprocess(FALLBACK, NUMBABN_TORCH_OP="0")
+    proc = run_python(FALLBACK, NUMBABN_TORCH_OP="0")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("0 "), proc.stdout

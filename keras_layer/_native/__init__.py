@@ -30,13 +30,6 @@ SOURCE = Path(__file__).with_name("numbabn_ops.cc")
 #: numbabn's headers for its compiled ops (the buffer pool)
 INCLUDE = _build.INCLUDE
 
-#: ``numbabn_set_entry`` slots, in the order of ``enum Slot`` and ``ElementEntry`` in
-#: numbabn_ops.cc: the element-free entry points, then each element type's.
-_COMMON = ("plan", "train_coeffs", "norm_coeffs", "grad_coeffs")
-_PER_ELEMENT = ("stats", "affine", "grad_sums", "grad_input")
-_SLOTS = _COMMON + tuple(f"{name}_{dtype}" for dtype in
-                         ("float32", "float64", "float16", "bfloat16") for name in _PER_ELEMENT)
-
 _lock = threading.Lock()
 _state = {}  # "ops": the loaded module or None; "why": the reason it is None
 
@@ -52,7 +45,7 @@ def library_path():
     """Where the compiled library for this source and TensorFlow lives (built or not)."""
     import tensorflow as tf
 
-    key = hashlib.sha256(SOURCE.read_bytes() + (INCLUDE / "buffer_pool.h").read_bytes()
+    key = hashlib.sha256(SOURCE.read_bytes() + _build.headers_bytes()
                          + tf.__version__.encode()
                          + " ".join(_flags()).encode()).hexdigest()[:16]
     return _build.root() / f"numbabn_tf_ops_{key}.so"
@@ -70,24 +63,12 @@ def build(quiet=False):
                                   quiet)
 
 
-#: the entry points each tensor dtype runs: float16 and bfloat16 run those compiled on
-#: their bits
-_ENTRY_DTYPES = {"float32": "float32", "float64": "float64", "float16": "uint16",
-                 "bfloat16": "int16"}
-
-
 def _register(lib, dtype):
-    """Compile (or load from Numba's cache) ``dtype``'s entry points and hand them to the
-    library. With a cold cache a set takes ~10 s (float32's, with the element-free ones),
-    so only float32 is registered at load and the others on first use (`ensure`), before
-    any op of theirs can run."""
-    from numbabn import _kernels_cpu
-
-    lib.numbabn_set_entry.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    for name, address in _kernels_cpu.c_entry_points(_ENTRY_DTYPES[dtype]).items():
-        slot = name if name in _COMMON else f"{name}_{dtype}"
-        if lib.numbabn_set_entry(_SLOTS.index(slot), address) != 0:
-            raise RuntimeError(f"the op library rejected entry point {slot}")
+    """Hand ``dtype``'s entry points to the library (``numbabn._native.register``). With a
+    cold cache a set takes ~10 s (float32's, with the element-free ones), so only float32
+    is registered at load and the others on first use (`ensure`), before any op of theirs
+    can run."""
+    _build.register(lib.numbabn_set_entry, dtype)
     _state["registered"].add(dtype)
 
 

@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "buffer_pool.h"
+#include "entry_points.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -67,33 +68,10 @@ using tensorflow::TensorShape;
 namespace errors = tensorflow::errors;
 namespace shape_inference = tensorflow::shape_inference;
 
-// Slots of numbabn_set_entry; keep in step with _SLOTS in keras_layer/_native/__init__.py:
-// the element-free entry points, then four per element type (float32, float64, float16
-// bits, bfloat16 bits), in the order of numbabn/_kernels_cpu.py's C entry points.
-enum Slot { kPlan, kTrainCoeffs, kNormCoeffs, kGradCoeffs, kFirstElementSlot };
-enum ElementEntry { kStats, kAffine, kGradSums, kGradInput, kPerElementType };
-constexpr int kSlots = kFirstElementSlot + 4 * kPerElementType;
-
-std::atomic<void*> g_entries[kSlots];
+// numbabn_set_entry's table (numbabn/_native/entry_points.h; this op does not use the
+// short-run entry points)
+std::atomic<void*> g_entries[numbabn::kSlots];
 std::atomic<int64_t> g_serial_below{1 << 19};
-
-using PlanFn = void (*)(int64_t, int64_t, int64_t, int64_t*);
-using StatsFn = void (*)(const void*, int64_t, int64_t, int64_t, int64_t, int64_t, double*,
-                         double*, double*);
-using TrainCoeffsFn = void (*)(const double*, const double*, const double*, int64_t, int64_t,
-                               const double*, double, double*, double*, double*, double*);
-using NormCoeffsFn = void (*)(const double*, int64_t, double, const double*, double*,
-                              double*);
-using AffineFn = void (*)(const void*, void*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                          const double*, const double*, const double*);
-using GradSumsFn = void (*)(const void*, const void*, int64_t, int64_t, int64_t, int64_t,
-                            int64_t, const double*, double*, double*);
-using GradCoeffsFn = void (*)(const double*, const double*, int64_t, int64_t, int64_t,
-                              const double*, const double*, double*, double*, double*,
-                              double*, double*);
-using GradInputFn = void (*)(const void*, const void*, void*, int64_t, int64_t, int64_t,
-                             int64_t, int64_t, const double*, const double*, const double*,
-                             const double*);
 
 class PooledBuffer : public tensorflow::TensorBuffer {
  public:
@@ -180,32 +158,10 @@ template <> struct ElementIndex<double> { static constexpr int kValue = 1; };
 template <> struct ElementIndex<Eigen::half> { static constexpr int kValue = 2; };
 template <> struct ElementIndex<Eigen::bfloat16> { static constexpr int kValue = 3; };
 
-// The entry points an op of element type T calls.
-struct Entries {
-  PlanFn plan;
-  StatsFn stats;
-  TrainCoeffsFn train_coeffs;
-  NormCoeffsFn norm_coeffs;
-  AffineFn affine;
-  GradSumsFn grad_sums;
-  GradCoeffsFn grad_coeffs;
-  GradInputFn grad_input;
-};
-
 template <typename T>
-Status GetEntries(Entries* e) {
-  const int first = kFirstElementSlot + ElementIndex<T>::kValue * kPerElementType;
-  auto at = [](int slot) { return g_entries[slot].load(); };
-  e->plan = reinterpret_cast<PlanFn>(at(kPlan));
-  e->train_coeffs = reinterpret_cast<TrainCoeffsFn>(at(kTrainCoeffs));
-  e->norm_coeffs = reinterpret_cast<NormCoeffsFn>(at(kNormCoeffs));
-  e->grad_coeffs = reinterpret_cast<GradCoeffsFn>(at(kGradCoeffs));
-  e->stats = reinterpret_cast<StatsFn>(at(first + kStats));
-  e->affine = reinterpret_cast<AffineFn>(at(first + kAffine));
-  e->grad_sums = reinterpret_cast<GradSumsFn>(at(first + kGradSums));
-  e->grad_input = reinterpret_cast<GradInputFn>(at(first + kGradInput));
-  if (!e->plan || !e->train_coeffs || !e->norm_coeffs || !e->grad_coeffs || !e->stats ||
-      !e->affine || !e->grad_sums || !e->grad_input) {
+Status GetEntries(numbabn::Entries* e) {
+  *e = numbabn::EntriesAt(g_entries, ElementIndex<T>::kValue);
+  if (!e->Complete()) {
     return errors::FailedPrecondition(
         "numbabn's TensorFlow op has no entry points for this dtype yet; load it through "
         "keras_layer._native.load(), and call keras_layer._native.ensure(dtype) before "
@@ -286,7 +242,7 @@ class TrainOp : public NumbabnOp {
     std::vector<double> gamma, beta;
     OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(1), "gamma", b.channels, &gamma, true, 1.0));
     OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(2), "beta", b.channels, &beta, true, 0.0));
-    Entries e;
+    numbabn::Entries e;
     OP_REQUIRES_OK(ctx, GetEntries<T>(&e));
 
     Tensor *y, *mean, *var, *invstd;
@@ -332,7 +288,7 @@ class InferenceOp : public NumbabnOp {
     OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(3), "moving_mean", b.channels, &mm));
     OP_REQUIRES_OK(ctx,
                    ChannelVector<P>(ctx->input(4), "moving_variance", b.channels, &mv));
-    Entries e;
+    numbabn::Entries e;
     OP_REQUIRES_OK(ctx, GetEntries<T>(&e));
 
     Tensor* y;
@@ -370,7 +326,7 @@ class TrainGradOp : public NumbabnOp {
     OP_REQUIRES_OK(ctx, Float64Vector(ctx->input(3), "invstd", b.channels));
     std::vector<double> gamma;
     OP_REQUIRES_OK(ctx, ChannelVector<P>(ctx->input(4), "gamma", b.channels, &gamma, true, 1.0));
-    Entries e;
+    numbabn::Entries e;
     OP_REQUIRES_OK(ctx, GetEntries<T>(&e));
 
     Tensor *dx, *dgamma, *dbeta;
@@ -425,7 +381,7 @@ Status ShapeOf(shape_inference::InferenceContext* c, int like, int channel_outpu
 extern "C" {
 // Called from keras_layer/_native.py through ctypes before any op runs.
 __attribute__((visibility("default"))) int numbabn_set_entry(int slot, void* fn) {
-  if (slot < 0 || slot >= kSlots) return -1;
+  if (slot < 0 || slot >= numbabn::kSlots) return -1;
   g_entries[slot].store(fn);
   return 0;
 }

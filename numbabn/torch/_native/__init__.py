@@ -28,17 +28,6 @@ from ... import _native as _build
 SOURCE = Path(__file__).with_name("numbabn_torch.cc")
 INCLUDE = _build.INCLUDE
 
-#: ``numbabn_torch_set_entry`` slots, in the order of ``enum Slot`` and ``ElementEntry``
-#: in numbabn_torch.cc: the element-free entry points, then each element type's.
-_COMMON = ("plan", "train_coeffs", "norm_coeffs", "grad_coeffs")
-_PER_ELEMENT = ("stats", "affine", "grad_sums", "grad_input", "stats_short", "grad_sums_short")
-_DTYPES = ("float32", "float64", "float16", "bfloat16")
-_SLOTS = _COMMON + tuple(f"{name}_{dtype}" for dtype in _DTYPES for name in _PER_ELEMENT)
-#: the entry points each tensor dtype runs: float16 and bfloat16 run those compiled on
-#: their bits
-_ENTRY_DTYPES = {"float32": "float32", "float64": "float64", "float16": "uint16",
-                 "bfloat16": "int16"}
-
 _lock = threading.Lock()
 _state = {}  # "op": the operator or None; "why": the reason it is None
 
@@ -59,7 +48,7 @@ def library_path():
     """Where the compiled library for this source and PyTorch lives (built or not)."""
     import torch
 
-    key = hashlib.sha256(SOURCE.read_bytes() + (INCLUDE / "buffer_pool.h").read_bytes()
+    key = hashlib.sha256(SOURCE.read_bytes() + _build.headers_bytes()
                          + torch.__version__.encode() + " ".join(_flags()).encode()
                          ).hexdigest()[:16]
     return _build.root() / f"numbabn_torch_ops_{key}.so"
@@ -78,15 +67,8 @@ def build(quiet=False):
 
 
 def _register(lib, dtype):
-    """Compile (or load from Numba's cache) ``dtype``'s entry points and hand them over."""
-    from numbabn import _kernels_cpu
-
-    lib.numbabn_torch_set_entry.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    entries = _kernels_cpu.c_entry_points(_ENTRY_DTYPES[dtype], short_runs=True)
-    for name, address in entries.items():
-        slot = name if name in _COMMON else f"{name}_{dtype}"
-        if lib.numbabn_torch_set_entry(_SLOTS.index(slot), address) != 0:
-            raise RuntimeError(f"the op library rejected entry point {slot}")
+    """Hand ``dtype``'s entry points, the short-run ones too, to the library."""
+    _build.register(lib.numbabn_torch_set_entry, dtype, short_runs=True)
     _state["registered"].add(dtype)
 
 

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "buffer_pool.h"
+#include "entry_points.h"
 
 namespace {
 
@@ -42,52 +43,12 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Slots of numbabn_torch_set_entry; keep in step with _SLOTS in numbabn/torch/_native.py:
-// the element-free entry points, then six per element type (float32, float64, float16
-// bits, bfloat16 bits).
-enum Slot { kPlan, kTrainCoeffs, kNormCoeffs, kGradCoeffs, kFirstElementSlot };
-enum ElementEntry {
-  kStats, kAffine, kGradSums, kGradInput, kStatsShort, kGradSumsShort, kPerElementType
-};
-constexpr int kSlots = kFirstElementSlot + 4 * kPerElementType;
-
-std::atomic<void*> g_entries[kSlots];
+// numbabn_torch_set_entry's table (numbabn/_native/entry_points.h)
+std::atomic<void*> g_entries[numbabn::kSlots];
 std::atomic<int64_t> g_serial_below{1 << 19};
 std::atomic<int64_t> g_lanes{64};
 
-using PlanFn = void (*)(int64_t, int64_t, int64_t, int64_t*);
-using StatsFn = void (*)(const void*, int64_t, int64_t, int64_t, int64_t, int64_t, double*,
-                         double*, double*);
-using TrainCoeffsFn = void (*)(const double*, const double*, const double*, int64_t, int64_t,
-                               const double*, double, double*, double*, double*, double*);
-using NormCoeffsFn = void (*)(const double*, int64_t, double, const double*, double*,
-                              double*);
-using AffineFn = void (*)(const void*, void*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                          const double*, const double*, const double*);
-using GradSumsFn = void (*)(const void*, const void*, int64_t, int64_t, int64_t, int64_t,
-                            int64_t, const double*, double*, double*);
-using GradCoeffsFn = void (*)(const double*, const double*, int64_t, int64_t, int64_t,
-                              const double*, const double*, double*, double*, double*,
-                              double*, double*);
-using GradInputFn = void (*)(const void*, const void*, void*, int64_t, int64_t, int64_t,
-                             int64_t, int64_t, const double*, const double*, const double*,
-                             const double*);
-using StatsShortFn = void (*)(const void*, int64_t, int64_t, int64_t, double*, double*);
-using GradSumsShortFn = void (*)(const void*, const void*, int64_t, int64_t, int64_t,
-                                 const double*, double*, double*);
-
-struct Entries {
-  PlanFn plan;
-  TrainCoeffsFn train_coeffs;
-  NormCoeffsFn norm_coeffs;
-  GradCoeffsFn grad_coeffs;
-  StatsFn stats;
-  AffineFn affine;
-  GradSumsFn grad_sums;
-  GradInputFn grad_input;
-  StatsShortFn stats_short;
-  GradSumsShortFn grad_sums_short;
-};
+using numbabn::Entries;
 
 Entries EntriesFor(at::ScalarType dtype) {
   int index = 0;
@@ -100,21 +61,8 @@ Entries EntriesFor(at::ScalarType dtype) {
       TORCH_CHECK(false, "numbabn.torch: no kernels for ", dtype,
                   " input (float16, bfloat16, float32 or float64)");
   }
-  const int first = kFirstElementSlot + index * kPerElementType;
-  auto at = [](int slot) { return g_entries[slot].load(); };
-  Entries e{reinterpret_cast<PlanFn>(at(kPlan)),
-            reinterpret_cast<TrainCoeffsFn>(at(kTrainCoeffs)),
-            reinterpret_cast<NormCoeffsFn>(at(kNormCoeffs)),
-            reinterpret_cast<GradCoeffsFn>(at(kGradCoeffs)),
-            reinterpret_cast<StatsFn>(at(first + kStats)),
-            reinterpret_cast<AffineFn>(at(first + kAffine)),
-            reinterpret_cast<GradSumsFn>(at(first + kGradSums)),
-            reinterpret_cast<GradInputFn>(at(first + kGradInput)),
-            reinterpret_cast<StatsShortFn>(at(first + kStatsShort)),
-            reinterpret_cast<GradSumsShortFn>(at(first + kGradSumsShort))};
-  TORCH_CHECK(e.plan && e.train_coeffs && e.norm_coeffs && e.grad_coeffs && e.stats &&
-                  e.affine && e.grad_sums && e.grad_input && e.stats_short &&
-                  e.grad_sums_short,
+  const Entries e = numbabn::EntriesAt(g_entries, index);
+  TORCH_CHECK(e.Complete() && e.stats_short && e.grad_sums_short,
               "numbabn.torch: the compiled op has no entry points for ", dtype,
               " yet (numbabn.torch._native.ensure registers them)");
   return e;
@@ -464,7 +412,7 @@ Tensor BatchNorm(const Tensor& x, const std::optional<Tensor>& weight,
 extern "C" {
 // Called from numbabn/torch/_native.py through ctypes before any op runs.
 __attribute__((visibility("default"))) int numbabn_torch_set_entry(int slot, void* fn) {
-  if (slot < 0 || slot >= kSlots) return -1;
+  if (slot < 0 || slot >= numbabn::kSlots) return -1;
   g_entries[slot].store(fn);
   return 0;
 }
