@@ -79,10 +79,10 @@ def _fns(shape, axis):
 
         ops = _native.load()
         if kind == "pyfunc":
-            _native._state["ops"] = None
+            _native._state["op"] = None
         train.get_concrete_function(x, dy)  # trace now, with this bridge
         inference.get_concrete_function(x)
-        _native._state["ops"] = ops
+        _native._state["op"] = ops
         fns[(kind, "train")] = lambda: train(x, dy)
         fns[(kind, "inference")] = lambda: inference(x)
 

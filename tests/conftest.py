@@ -44,6 +44,6 @@ def numpy_function_bridge():
     from keras_layer import _native
 
     ops = _native.load()
-    _native._state["ops"] = None
+    _native._state["op"] = None
     yield
-    _native._state["ops"] = ops
+    _native._state["op"] = ops

@@ -136,7 +136,7 @@ FALLBACK = """
         y = ours(x)
         ours(x)
     torch.testing.assert_close(y, stock(x))
-    notes = [str(w.message) for w in caught if "compiled op" in str(w.message)]
+    notes = [str(w.message) for w in caught if "PyTorch op" in str(w.message)]
     print(len(notes), notes[0] if notes else "", _native.status())
 """
 

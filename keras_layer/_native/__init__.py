@@ -17,11 +17,6 @@ environment.
 """
 
 import ctypes
-import hashlib
-import os
-import sys
-import threading
-import warnings
 from pathlib import Path
 
 from numbabn import _native as _build
@@ -29,10 +24,6 @@ from numbabn import _native as _build
 SOURCE = Path(__file__).with_name("numbabn_ops.cc")
 #: numbabn's headers for its compiled ops (the buffer pool)
 INCLUDE = _build.INCLUDE
-
-_lock = threading.Lock()
-_state = {}  # "ops": the loaded module or None; "why": the reason it is None
-
 
 def _flags():
     import tensorflow as tf
@@ -45,10 +36,7 @@ def library_path():
     """Where the compiled library for this source and TensorFlow lives (built or not)."""
     import tensorflow as tf
 
-    key = hashlib.sha256(SOURCE.read_bytes() + _build.headers_bytes()
-                         + tf.__version__.encode()
-                         + " ".join(_flags()).encode()).hexdigest()[:16]
-    return _build.root() / f"numbabn_tf_ops_{key}.so"
+    return _build.library_path(SOURCE, "numbabn_tf_ops", tf.__version__, _flags())
 
 
 def build(quiet=False):
@@ -64,27 +52,12 @@ def build(quiet=False):
 
 
 def _register(lib, dtype):
-    """Hand ``dtype``'s entry points to the library (``numbabn._native.register``). With a
-    cold cache a set takes ~10 s (float32's, with the element-free ones), so only float32
-    is registered at load and the others on first use (`ensure`), before any op of theirs
-    can run."""
+    # float32's at load (graphs restored without tracing, SavedModels, run at once); the
+    # others on first use (`ensure`), before any op of theirs can run: ~10 s each cold
     _build.register(lib.numbabn_set_entry, dtype)
-    _state["registered"].add(dtype)
 
 
-def wait_compiled(timeout=None):
-    """True: the entry points are compiled before an op of their dtype can run. (Kept for
-    callers of earlier releases, which compiled parallel versions in the background.)"""
-    return True
-
-
-def _load():
-    if os.environ.get("NUMBABN_TF_OP", "1") == "0":
-        return None, "NUMBABN_TF_OP=0 is set"
-    try:
-        path = build()
-    except (RuntimeError, OSError) as exc:
-        return None, f"the op could not be compiled: {exc}"
+def _open(path):
     import tensorflow as tf
 
     from numbabn import config
@@ -93,54 +66,25 @@ def _load():
     lib = ctypes.CDLL(str(path))  # the same library: dlopen returns the loaded one
     lib.numbabn_set_serial_below.argtypes = [ctypes.c_int64]
     lib.numbabn_set_serial_below(config.SERIAL_BELOW)
-    _state["lib"], _state["registered"] = lib, set()
-    _register(lib, "float32")  # graphs restored without tracing (SavedModels) run at once
-    return ops, None
+    return ops, lib
 
 
-def load():
-    """The op module (``numbabn_train``, ``numbabn_inference``, ``numbabn_train_grad``),
-    or ``None`` where the layer must use the ``tf.numpy_function`` bridge (noted once)."""
-    with _lock:
-        if "ops" not in _state:
-            try:
-                _state["ops"], _state["why"] = _load()
-            except Exception as exc:  # noqa: BLE001 - any failure means: the Python bridge
-                _state["ops"], _state["why"] = None, f"loading it failed: {exc!r}"
-            if _state["ops"] is None and os.environ.get("NUMBABN_TF_OP") != "0":
-                warnings.warn(f"keras_layer: numbabn's TensorFlow op is not used ("
-                              f"{_state['why']}); the layer calls the kernels through "
-                              "tf.numpy_function instead, which is slower per call.",
-                              RuntimeWarning, stacklevel=3)
-        return _state["ops"]
+def wait_compiled(timeout=None):
+    """True: the entry points are compiled before an op of their dtype can run. (Kept for
+    callers of earlier releases, which compiled parallel versions in the background.)"""
+    return True
 
 
-def ensure(dtype):
-    """The op module, with ``dtype``'s entry points registered (compiled on first use), or
-    ``None`` as `load`. Called where a layer builds an op of that dtype, which is before
-    the op can run."""
-    ops = load()
-    if ops is None:
-        return None
-    dtype = str(dtype)
-    with _lock:
-        if dtype not in _state["registered"]:
-            _register(_state["lib"], dtype)
-    return ops
+_op = _build.CompiledOp("TensorFlow op", "NUMBABN_TF_OP", build, _open, _register,
+                        who="keras_layer", fallback="tf.numpy_function", at_load=("float32",))
+_state = _op.state
 
-
-def status():
-    """One line for show_config-style reports: whether the compiled op is in use."""
-    ops = load()
-    return "compiled op" if ops is not None else f"tf.numpy_function ({_state['why']})"
-
-
-def main():
-    """``python -m keras_layer._native``: build the op ahead of its first use (the
-    Makefile does). Without a compiler this says so and exits 0: the layer works
-    through tf.numpy_function then."""
-    try:
-        print(f"numbabn's TensorFlow op: {build(quiet=True)}")
-    except (RuntimeError, OSError) as exc:
-        print(f"numbabn's TensorFlow op was not built ({exc}); keras_layer will use "
-              "tf.numpy_function", file=sys.stderr)
+#: the op module (``numbabn_train``, ``numbabn_inference``, ``numbabn_train_grad``), or
+#: ``None`` where the layer must use the ``tf.numpy_function`` bridge (noted once)
+load = _op.load
+#: the op module with a dtype's entry points registered (compiled on first use), or
+#: ``None``; called where a layer builds an op of that dtype, before the op can run
+ensure = _op.ensure
+status = _op.status
+#: ``python -m keras_layer._native``
+main = _op.main

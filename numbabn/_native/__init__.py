@@ -7,11 +7,14 @@ Shared by the TensorFlow op (``keras_layer._native``) and the PyTorch op
 """
 
 import ctypes
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import warnings
 from pathlib import Path
 
 #: the folder of numbabn's C++ headers (``-I`` for the ops' builds)
@@ -72,6 +75,15 @@ def root():
     return Path(tempfile.gettempdir(), f"numbabn-{os.getuid()}")
 
 
+def library_path(source, stem, version, flags):
+    """Where the library compiled from ``source`` with ``flags`` against a framework of
+    ``version`` lives (built or not): ``stem`` and a hash of all of these and numbabn's
+    headers, under `root`."""
+    key = hashlib.sha256(Path(source).read_bytes() + headers_bytes() + version.encode()
+                         + " ".join(flags).encode()).hexdigest()[:16]
+    return root() / f"{stem}_{key}.so"
+
+
 def compile_library(source, path, flags, what, duration, quiet=False):
     """Compile ``source`` into the shared library ``path`` unless it exists; return it.
 
@@ -105,3 +117,84 @@ def compile_library(source, path, flags, what, duration, quiet=False):
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+class CompiledOp:
+    """One compiled op library: built on first use, loaded once, its entry points handed
+    over per dtype; where it cannot be used (no compiler, a failed build or load, or
+    ``env_var=0``) `load` gives ``None`` and the caller's Python path runs, with one
+    ``RuntimeWarning`` saying why (none when switched off).
+
+    ``build() -> path``; ``open_library(path) -> (handle, lib)``: what `load` returns
+    and the ctypes library; ``register(lib, dtype)`` hands over a dtype's entry points;
+    ``at_load``: the dtypes registered as the library loads; ``who`` / ``fallback``
+    name the caller and its Python path in the notes.
+    """
+
+    def __init__(self, name, env_var, build, open_library, register, who, fallback,
+                 at_load=()):
+        self.name, self.env_var, self.who, self.fallback = name, env_var, who, fallback
+        self._build, self._open, self._register, self._at_load = (
+            build, open_library, register, at_load)
+        self._lock = threading.Lock()
+        #: "op": the handle or None, "why": the reason it is None, "lib": the ctypes
+        #: library, "registered": the dtypes whose entry points it has
+        self.state = {}
+
+    def _load(self):
+        if os.environ.get(self.env_var, "1") == "0":
+            return None, f"{self.env_var}=0 is set"
+        try:
+            path = self._build()
+        except (RuntimeError, OSError) as exc:
+            return None, f"the op could not be compiled: {exc}"
+        handle, lib = self._open(path)
+        self.state["lib"], self.state["registered"] = lib, set()
+        for dtype in self._at_load:
+            self._register_dtype(dtype)
+        return handle, None
+
+    def _register_dtype(self, dtype):
+        self._register(self.state["lib"], dtype)
+        self.state["registered"].add(dtype)
+
+    def load(self):
+        """The op's handle, or ``None`` where the caller must take its Python path."""
+        with self._lock:
+            if "op" not in self.state:
+                try:
+                    self.state["op"], self.state["why"] = self._load()
+                except Exception as exc:  # noqa: BLE001 - any failure: the Python path
+                    self.state["op"], self.state["why"] = None, f"loading it failed: {exc!r}"
+                if self.state["op"] is None and os.environ.get(self.env_var) != "0":
+                    warnings.warn(f"{self.who}: numbabn's {self.name} is not used "
+                                  f"({self.state['why']}); it calls the kernels through "
+                                  f"{self.fallback} instead, which is slower per call.",
+                                  RuntimeWarning, stacklevel=4)
+            return self.state["op"]
+
+    def ensure(self, dtype):
+        """`load`'s handle with ``dtype``'s entry points registered (compiled on first
+        use), or ``None``."""
+        handle = self.load()
+        if handle is None:
+            return None
+        dtype = str(dtype)
+        with self._lock:
+            if dtype not in self.state["registered"]:
+                self._register_dtype(dtype)
+        return handle
+
+    def status(self):
+        """One line for reports: whether the compiled op is in use."""
+        return ("compiled op" if self.load() is not None
+                else f"{self.fallback} ({self.state['why']})")
+
+    def main(self):
+        """Build the op ahead of its first use (the Makefile does). Without a compiler
+        this says so and exits 0: the caller's Python path works then."""
+        try:
+            print(f"numbabn's {self.name}: {self._build(quiet=True)}")
+        except (RuntimeError, OSError) as exc:
+            print(f"numbabn's {self.name} was not built ({exc}); {self.who} will use "
+                  f"{self.fallback}", file=sys.stderr)

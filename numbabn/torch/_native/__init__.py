@@ -16,21 +16,12 @@ with one note saying why, when the op cannot be used: no compiler, a failed buil
 """
 
 import ctypes
-import hashlib
-import os
-import sys
-import threading
-import warnings
 from pathlib import Path
 
 from ... import _native as _build
 
 SOURCE = Path(__file__).with_name("numbabn_torch.cc")
 INCLUDE = _build.INCLUDE
-
-_lock = threading.Lock()
-_state = {}  # "op": the operator or None; "why": the reason it is None
-
 
 def _flags():
     import torch
@@ -48,10 +39,7 @@ def library_path():
     """Where the compiled library for this source and PyTorch lives (built or not)."""
     import torch
 
-    key = hashlib.sha256(SOURCE.read_bytes() + _build.headers_bytes()
-                         + torch.__version__.encode() + " ".join(_flags()).encode()
-                         ).hexdigest()[:16]
-    return _build.root() / f"numbabn_torch_ops_{key}.so"
+    return _build.library_path(SOURCE, "numbabn_torch_ops", torch.__version__, _flags())
 
 
 def build(quiet=False):
@@ -67,18 +55,10 @@ def build(quiet=False):
 
 
 def _register(lib, dtype):
-    """Hand ``dtype``'s entry points, the short-run ones too, to the library."""
     _build.register(lib.numbabn_torch_set_entry, dtype, short_runs=True)
-    _state["registered"].add(dtype)
 
 
-def _load():
-    if os.environ.get("NUMBABN_TORCH_OP", "1") == "0":
-        return None, "NUMBABN_TORCH_OP=0 is set"
-    try:
-        path = build()
-    except (RuntimeError, OSError) as exc:
-        return None, f"the op could not be compiled: {exc}"
+def _open(path):
     import torch
 
     from numbabn import config
@@ -88,55 +68,25 @@ def _load():
     lib.numbabn_torch_set_config.argtypes = [ctypes.c_int64, ctypes.c_int64]
     lib.numbabn_torch_set_config(config.SERIAL_BELOW, config.LANES)
     lib.numbabn_torch_pool_cached_bytes.restype = ctypes.c_int64
-    _state["lib"], _state["registered"] = lib, set()
-    # the Python-level wrapper's __call__ is skipped: its C++ overload is called directly
-    return torch.ops.numbabn_native.batch_norm.default._op, None
+    # the op's C++ overload, called directly: the Python wrapper's __call__ is skipped
+    return torch.ops.numbabn_native.batch_norm.default._op, lib
 
 
-def load():
-    """``torch.ops.numbabn_native.batch_norm`` (its C++ callable), or ``None`` where the
-    modules keep the Python path (noted once)."""
-    with _lock:
-        if "op" not in _state:
-            try:
-                _state["op"], _state["why"] = _load()
-            except Exception as exc:  # noqa: BLE001 - any failure means: the Python path
-                _state["op"], _state["why"] = None, f"loading it failed: {exc!r}"
-            if _state["op"] is None and os.environ.get("NUMBABN_TORCH_OP") != "0":
-                warnings.warn(f"numbabn.torch: the compiled op is not used ({_state['why']});"
-                              " the modules call the kernels through Python instead, which "
-                              "costs more per call.", RuntimeWarning, stacklevel=3)
-        return _state["op"]
+_op = _build.CompiledOp("PyTorch op", "NUMBABN_TORCH_OP", build, _open, _register,
+                        who="numbabn.torch", fallback="the Python path")
+_state = _op.state
 
-
-def ensure(dtype):
-    """The operator with ``dtype``'s entry points registered (a torch dtype name:
-    "float32", ...), or ``None`` as `load`."""
-    op = load()
-    if op is None:
-        return None
-    with _lock:
-        if dtype not in _state["registered"]:
-            _register(_state["lib"], dtype)
-    return op
+#: ``torch.ops.numbabn_native.batch_norm`` (its C++ callable), or ``None`` where the
+#: modules keep the Python path (noted once)
+load = _op.load
+#: the op with a dtype's entry points registered (a torch dtype name: "float32", ...)
+ensure = _op.ensure
+status = _op.status
+#: ``python -m numbabn.torch._native``
+main = _op.main
 
 
 def pool_cached_bytes():
     """Bytes of free buffers the op's pool holds (0 when the op is not loaded)."""
     lib = _state.get("lib")
     return 0 if lib is None else lib.numbabn_torch_pool_cached_bytes()
-
-
-def status():
-    """One line: whether the compiled op is in use."""
-    return "compiled op" if load() is not None else f"Python path ({_state['why']})"
-
-
-def main():
-    """``python -m numbabn.torch._native``: build the op ahead of its first use (the
-    Makefile does). Without a compiler this says so and exits 0."""
-    try:
-        print(f"numbabn's PyTorch op: {build(quiet=True)}")
-    except (RuntimeError, OSError) as exc:
-        print(f"numbabn's PyTorch op was not built ({exc}); numbabn.torch will use its "
-              "Python path", file=sys.stderr)
