@@ -152,3 +152,43 @@ def test_opting_out_uses_the_python_path_silently():
     proc = run_python(FALLBACK, NUMBABN_TORCH_OP="0")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("0 "), proc.stdout
+
+
+def test_concurrent_calls_from_python_threads_are_safe():
+    """Modules called from several threads at once (a data-parallel loop, a serving
+    pool): each thread's results are those of the same calls made one after another
+    (the op keeps no state between calls but its buffer pool, which is locked)."""
+    import threading
+
+    shapes = [(8, 16, 32, 32), (16, 24, 6, 6), (64, 40)]  # pooled, short runs, rows
+    xs = [tc.make_x(s, torch.contiguous_format, torch.float32, seed=i)
+          for i, s in enumerate(shapes)]
+    dys = [tc.make_x(s, torch.contiguous_format, torch.float32, seed=10 + i)
+           for i, s in enumerate(shapes)]
+
+    def work(i):
+        module = tc.pair(1 if len(shapes[i]) == 2 else 2, shapes[i][1], torch.float32,
+                         seed=i)[0]
+        return _run(module, xs[i], dys[i], steps=3)
+
+    want = [work(i) for i in range(len(shapes))]
+    got = {}
+    errors = []
+
+    def thread(i, k):
+        try:
+            for _ in range(5):
+                got[(i, k)] = work(i)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=thread, args=(i, k)) for i in range(len(shapes))
+               for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (i, _), results in got.items():
+        for a, b in zip(results, want[i], strict=True):
+            assert torch.equal(a, b)
