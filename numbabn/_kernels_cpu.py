@@ -287,10 +287,9 @@ def stats_short_runs(x2, I, rows_per_task, mean, var):
     task), so a task adds its channel's I columns before it converts to (mean, M2) once
     per channel; tasks merge with Chan's rule as everywhere.
 
-    Not ``parallel``, and only in ``train_short``, which ``_cpu`` picks, and PyTorch's op
-    (``stats_short``, an entry point of its own, compiled on request: never into the
-    TensorFlow op's, whose channels-last maps are rows): short runs are mostly
-    small inputs, which run serially anyway (``config.SERIAL_BELOW``), and inside
+    Not ``parallel``, and only in ``train_short``, which ``_cpu`` picks, and the compiled
+    ops (``stats_short``, an entry point of its own, on the calling thread): short runs are
+    mostly small inputs, which run serially anyway (``config.SERIAL_BELOW``), and inside
     ``stats_planes`` (a parfor) they made the op's parallel entry points take 35.6 s
     instead of 21.4 s to compile with a cold cache. One thread through whole images is
     about as fast as two through the planes path.
@@ -1216,7 +1215,7 @@ def _element_entries(t):
 
 
 def _short_entries(t):
-    """The short-run entry points (PyTorch's op; channels-first maps smaller than 8x8)."""
+    """The short-run entry points (channels-first maps smaller than 8x8)."""
     p = types.CPointer(t)
     return {
         "stats_short": (_entry_stats_short, types.void(p, *[_i64] * 3, _f64, _f64)),

@@ -19,8 +19,11 @@ import tensorflow as tf
 import numbabn as nbn
 from keras_layer import _bridge, _native
 
+# ((64, 40, 40, 8), 3) is over SERIAL_BELOW; ((4096, 8, 3, 3), 1) has channels-first runs
+# shorter than LANES and a batch long enough that the short-run reductions split it into
+# other tasks than the planes ones would (the op takes the NumPy API's short-run path)
 CASES = [((6, 5), 1), ((4, 5, 6, 3), 3), ((4, 3, 5, 6), 1), ((3, 4, 5, 6, 2), 4),
-         ((2, 7, 3, 4), 2), ((64, 40, 40, 8), 3)]  # the last is over SERIAL_BELOW
+         ((2, 7, 3, 4), 2), ((64, 40, 40, 8), 3), ((4096, 8, 3, 3), 1)]
 
 
 def test_the_op_is_built_and_used():
@@ -249,7 +252,8 @@ def test_large_outputs_reuse_pooled_buffers_once_released():
 
 # ------------------------------------------------------------- float16 and bfloat16
 
-HALF_CASES = [((6, 5), 1), ((4, 5, 6, 3), 3), ((4, 3, 5, 6), 1), ((64, 40, 40, 8), 3)]
+HALF_CASES = [((6, 5), 1), ((4, 5, 6, 3), 3), ((4, 3, 5, 6), 1), ((64, 40, 40, 8), 3),
+              ((2048, 4, 3, 3), 1)]
 
 
 def _half_numpy(t):

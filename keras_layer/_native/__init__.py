@@ -66,6 +66,8 @@ def _open(path):
     lib = ctypes.CDLL(str(path))  # the same library: dlopen returns the loaded one
     lib.numbabn_set_serial_below.argtypes = [ctypes.c_int64]
     lib.numbabn_set_serial_below(config.SERIAL_BELOW)
+    lib.numbabn_set_lanes.argtypes = [ctypes.c_int64]
+    lib.numbabn_set_lanes(config.LANES)
     return ops, lib
 
 

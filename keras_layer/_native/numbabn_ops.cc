@@ -68,10 +68,10 @@ using tensorflow::TensorShape;
 namespace errors = tensorflow::errors;
 namespace shape_inference = tensorflow::shape_inference;
 
-// numbabn_set_entry's table (numbabn/_native/entry_points.h; this op does not use the
-// short-run entry points)
+// numbabn_set_entry's table (numbabn/_native/entry_points.h)
 std::atomic<void*> g_entries[numbabn::kSlots];
 std::atomic<int64_t> g_serial_below{1 << 19};
+std::atomic<int64_t> g_lanes{64};
 
 class PooledBuffer : public tensorflow::TensorBuffer {
  public:
@@ -260,11 +260,17 @@ class TrainOp : public NumbabnOp {
     const T* xp = x.flat<T>().data();
     T* yp = y->flat<T>().data();
     double* m = mean->flat<double>().data();
-    RunTasks(ctx, n, sizes[0], [&](int64_t t0, int64_t t1) {
-      e.stats(xp, b.outer, C, b.inner, t0, t1, counts.get(), pmean.get(), pm2.get());
-    });
-    e.train_coeffs(counts.get(), pmean.get(), pm2.get(), parts, C, gamma.data(), eps, m,
-                   var->flat<double>().data(), invstd->flat<double>().data(), scale.get());
+    double* v = var->flat<double>().data();
+    if (numbabn::ShortRuns(b.inner, g_lanes.load())) {  // channels-first maps under 8x8
+      e.stats_short(xp, b.outer, C, b.inner, m, v);
+      e.norm_coeffs(v, C, eps, gamma.data(), invstd->flat<double>().data(), scale.get());
+    } else {
+      RunTasks(ctx, n, sizes[0], [&](int64_t t0, int64_t t1) {
+        e.stats(xp, b.outer, C, b.inner, t0, t1, counts.get(), pmean.get(), pm2.get());
+      });
+      e.train_coeffs(counts.get(), pmean.get(), pm2.get(), parts, C, gamma.data(), eps, m, v,
+                     invstd->flat<double>().data(), scale.get());
+    }
     RunTasks(ctx, n, sizes[2], [&](int64_t t0, int64_t t1) {
       e.affine(xp, yp, b.outer, C, b.inner, t0, t1, m, scale.get(), beta.data());
     });
@@ -337,7 +343,8 @@ class TrainGradOp : public NumbabnOp {
     const int64_t C = b.channels, n = x.NumElements();
     int64_t sizes[3];
     e.plan(b.outer, C, b.inner, sizes);
-    const int64_t parts = sizes[1];
+    const bool short_runs = numbabn::ShortRuns(b.inner, g_lanes.load());
+    const int64_t parts = short_runs ? 1 : sizes[1];
     Scratch p1 = NewScratch(parts * C), p2 = NewScratch(parts * C), dg = NewScratch(C),
             db = NewScratch(C), k_dy = NewScratch(C), mean_dy = NewScratch(C),
             k_x = NewScratch(C);
@@ -345,9 +352,13 @@ class TrainGradOp : public NumbabnOp {
     const T* xp = x.flat<T>().data();
     T* dxp = dx->flat<T>().data();
     const double* mean = ctx->input(2).flat<double>().data();
-    RunTasks(ctx, n, sizes[0], [&](int64_t t0, int64_t t1) {
-      e.grad_sums(dyp, xp, b.outer, C, b.inner, t0, t1, mean, p1.get(), p2.get());
-    });
+    if (short_runs) {  // the sums whole, one partial result
+      e.grad_sums_short(dyp, xp, b.outer, C, b.inner, mean, p1.get(), p2.get());
+    } else {
+      RunTasks(ctx, n, sizes[0], [&](int64_t t0, int64_t t1) {
+        e.grad_sums(dyp, xp, b.outer, C, b.inner, t0, t1, mean, p1.get(), p2.get());
+      });
+    }
     e.grad_coeffs(p1.get(), p2.get(), parts, C, b.count(), ctx->input(3).flat<double>().data(),
                   gamma.data(), dg.get(), db.get(), k_dy.get(), mean_dy.get(), k_x.get());
     RunTasks(ctx, n, sizes[2], [&](int64_t t0, int64_t t1) {
@@ -388,6 +399,7 @@ __attribute__((visibility("default"))) int numbabn_set_entry(int slot, void* fn)
 __attribute__((visibility("default"))) void numbabn_set_serial_below(int64_t n) {
   g_serial_below.store(n);
 }
+__attribute__((visibility("default"))) void numbabn_set_lanes(int64_t n) { g_lanes.store(n); }
 // Bytes of free buffers the pool holds (tests check that memory stays bounded).
 __attribute__((visibility("default"))) int64_t numbabn_pool_cached_bytes() {
   return static_cast<int64_t>(BufferPool::Get().cached_bytes());

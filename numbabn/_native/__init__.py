@@ -39,16 +39,16 @@ def headers_bytes():
     return b"".join((INCLUDE / name).read_bytes() for name in HEADERS)
 
 
-def register(set_entry, dtype, short_runs=False):
+def register(set_entry, dtype):
     """Compile (or load from Numba's cache) the entry points of ``dtype`` (a framework
-    dtype name: "float32", "float64", "float16", "bfloat16"), with the short-run ones
-    when ``short_runs``, and hand each address to ``set_entry(slot, address)``, a
-    library's ctypes function (nonzero: refused). A dtype's set takes ~10 s to compile
-    with a cold cache."""
+    dtype name: "float32", "float64", "float16", "bfloat16"), the short-run ones
+    included, and hand each address to ``set_entry(slot, address)``, a library's ctypes
+    function (nonzero: refused). A dtype's set takes ~10 s to compile with a cold
+    cache."""
     from .. import _kernels_cpu
 
     set_entry.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    entries = _kernels_cpu.c_entry_points(_ENTRY_DTYPES[dtype], short_runs=short_runs)
+    entries = _kernels_cpu.c_entry_points(_ENTRY_DTYPES[dtype], short_runs=True)
     for name, address in entries.items():
         slot = name if name in _COMMON else f"{name}_{dtype}"
         if set_entry(SLOTS.index(slot), address) != 0:

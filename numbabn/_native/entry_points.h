@@ -50,15 +50,20 @@ struct Entries {
   AffineFn affine;
   GradSumsFn grad_sums;
   GradInputFn grad_input;
-  StatsShortFn stats_short;          // the short-run ones: PyTorch's op only
+  StatsShortFn stats_short;
   GradSumsShortFn grad_sums_short;
 
-  // Whether every entry point but the short-run ones is there.
+  // Whether every entry point is there.
   bool Complete() const {
     return plan && train_coeffs && norm_coeffs && grad_coeffs && stats && affine &&
-           grad_sums && grad_input;
+           grad_sums && grad_input && stats_short && grad_sums_short;
   }
 };
+
+// Whether a dense (outer, C, inner) block takes the short-run reductions (stats_short,
+// grad_sums_short), as the NumPy API's train_short / backward_short do: channels-first
+// runs shorter than `lanes` (numbabn.config.LANES).
+inline bool ShortRuns(int64_t inner, int64_t lanes) { return inner > 1 && inner < lanes; }
 
 // The entry points of element type `index` (0 float32, 1 float64, 2 float16 bits,
 // 3 bfloat16 bits) in `table` (kSlots addresses).

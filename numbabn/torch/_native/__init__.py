@@ -55,7 +55,7 @@ def build(quiet=False):
 
 
 def _register(lib, dtype):
-    _build.register(lib.numbabn_torch_set_entry, dtype, short_runs=True)
+    _build.register(lib.numbabn_torch_set_entry, dtype)
 
 
 def _open(path):

@@ -62,7 +62,7 @@ Entries EntriesFor(at::ScalarType dtype) {
                   " input (float16, bfloat16, float32 or float64)");
   }
   const Entries e = numbabn::EntriesAt(g_entries, index);
-  TORCH_CHECK(e.Complete() && e.stats_short && e.grad_sums_short,
+  TORCH_CHECK(e.Complete(),
               "numbabn.torch: the compiled op has no entry points for ", dtype,
               " yet (numbabn.torch._native.ensure registers them)");
   return e;
@@ -166,7 +166,7 @@ void RunTasks(int64_t elements, int64_t n, const std::function<void(int64_t, int
   at::parallel_for(0, n, 1, fn);
 }
 
-bool ShortRuns(const Blocks& b) { return b.inner > 1 && b.inner < g_lanes.load(); }
+bool ShortRuns(const Blocks& b) { return numbabn::ShortRuns(b.inner, g_lanes.load()); }
 
 // ----------------------------------------------------------------------- the passes
 
