@@ -192,3 +192,26 @@ def test_concurrent_calls_from_python_threads_are_safe():
     for (i, _), results in got.items():
         for a, b in zip(results, want[i], strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("x_grad, params_grad", [(True, False), (False, True)],
+                         ids=["frozen-parameters", "input-without-grad"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_only_the_wanted_gradients(x_grad, params_grad, training, monkeypatch):
+    """Frozen BN parameters (fine-tuning) and an input that needs no gradient (a first
+    layer): the op computes what autograd asks for, the Python path's bits."""
+    x = tc.make_x((6, 5, 4, 4), torch.contiguous_format, torch.float32, seed=11, loc=3.0)
+    dy = tc.make_x((6, 5, 4, 4), torch.contiguous_format, torch.float32, seed=12)
+    results = {}
+    for native in (True, False):
+        monkeypatch.setattr(modules, "_NATIVE_ENABLED", native)
+        module = tc.pair(2, 5, torch.float32, seed=13)[0].train(training)
+        module.requires_grad_(params_grad)
+        xg = x.detach().clone().requires_grad_(x_grad)
+        y = module(xg)
+        y.backward(dy)
+        results[native] = [y.detach(), xg.grad, module.weight.grad, module.bias.grad]
+    for a, b in zip(results[True], results[False], strict=True):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    assert (results[True][1] is None) != x_grad
+    assert (results[True][2] is None) != params_grad
