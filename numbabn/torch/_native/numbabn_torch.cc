@@ -11,8 +11,8 @@
 // and the tasks run on PyTorch's own pool (at::parallel_for), split by the shape alone
 // and merged in task order: the NumPy API's bits on any number of threads.
 //
-// The entry points' addresses are handed over by numbabn/torch/_native (numbabn_torch_set_
-// entry). Layouts: a dense tensor, contiguous or channels_last / channels_last_3d, is
+// The entry points' addresses are handed over by numbabn/torch/_native through
+// numbabn_torch_set_entry. Layouts: a dense tensor, contiguous or channels_last / channels_last_3d, is
 // the (outer, C, inner) block the entry points take (channels last: rows (N*H*W, C));
 // anything else is copied to contiguous first (the module sends such tensors down the
 // Python path instead, which reads any strides in place). Full-size outputs have the
