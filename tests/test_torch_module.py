@@ -160,6 +160,17 @@ def test_empty_batch_as_torch(training):
         assert torch.equal(ours.state_dict()[name], t), name
 
 
+@pytest.mark.parametrize("missing", ["running_mean", "running_var"])
+def test_eval_without_a_running_statistic_fails_like_torch(missing):
+    """A buffer set to None by hand: eval mode needs both (torch's RuntimeError, not a
+    crash of the compiled op)."""
+    x = torch.randn(4, 3)
+    for m in (torch.nn.BatchNorm1d(3), nbt.BatchNorm1d(3)):
+        setattr(m, missing, None)
+        with pytest.raises(RuntimeError, match=f"{missing} must be defined in evaluation mode"):
+            m.eval()(x)
+
+
 def test_mixed_devices_name_both():
     m = nbt.BatchNorm1d(3)
     with pytest.raises(RuntimeError, match="input is on meta and weight on cpu"):

@@ -215,3 +215,20 @@ def test_only_the_wanted_gradients(x_grad, params_grad, training, monkeypatch):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
     assert (results[True][1] is None) != x_grad
     assert (results[True][2] is None) != params_grad
+
+
+def test_direct_calls_of_the_op_check_their_arguments():
+    """The modules check everything first; the op itself still refuses what would make
+    the entry points read out of bounds (a direct ``torch.ops.numbabn_native`` call)."""
+    op = _native.ensure("float32")
+    x = torch.randn(4, 3)
+    bad = [((x, torch.ones(2), None, None, None, True, 0.1, 1e-5), "weight must be"),
+           ((torch.randn(0, 3), None, None, None, None, True, 0.1, 1e-5), "non-empty"),
+           ((torch.randn(4), None, None, None, None, True, 0.1, 1e-5), "non-empty"),
+           ((x, None, torch.ones(3, dtype=torch.int64), None, None, True, 0.1, 1e-5),
+            "bias must be"),
+           ((x, None, None, torch.zeros(3), None, True, 0.1, 1e-5), "given together"),
+           ((x, None, None, None, torch.ones(3), False, 0.0, 1e-5), "running_mean must")]
+    for args, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)

@@ -116,9 +116,12 @@ class _NumbabnBatchNorm(_BatchNorm):
         """Whether ``input`` goes to the compiled op: a CPU tensor, contiguous or in its
         rank's channels-last format (other strides take the Python path, which reads
         them in place), outside functorch transforms, in a module whose batch statistics
-        are this class's own (a subclass overriding `_batch_norm_train` keeps its seam)."""
+        and running update are this class's own (a subclass overriding
+        `_batch_norm_train` or `_update_running_stats` keeps its seam)."""
+        cls = type(self)
         return (_NATIVE_ENABLED and input.is_cpu
-                and type(self)._batch_norm_train is _NumbabnBatchNorm._batch_norm_train
+                and cls._batch_norm_train is _NumbabnBatchNorm._batch_norm_train
+                and cls._update_running_stats is _NumbabnBatchNorm._update_running_stats
                 and (input.is_contiguous() or (
                     input.dim() in _CHANNELS_LAST
                     and input.is_contiguous(memory_format=_CHANNELS_LAST[input.dim()])))
@@ -190,8 +193,12 @@ class _NumbabnBatchNorm(_BatchNorm):
             if self.eps <= 0.0:
                 raise ValueError(f"batch_norm eps must be positive during training, but got "
                                  f"{self.eps}")
-        elif self.eps < 0.0:
-            raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
+        else:
+            if running_mean is None or running_var is None:  # a buffer set to None by hand
+                name = "running_mean" if running_mean is None else "running_var"
+                raise RuntimeError(f"{name} must be defined in evaluation mode (as torch)")
+            if self.eps < 0.0:
+                raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
 
     def _check_each(self, input, weight, bias, running_mean, running_var):
         """`_check_arguments`' per-tensor checks by name, with their messages."""

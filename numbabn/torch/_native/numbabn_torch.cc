@@ -395,15 +395,46 @@ struct InferenceFunction : public torch::autograd::Function<InferenceFunction> {
   }
 };
 
+// The checks the entry points rely on (the modules make them, with torch's messages,
+// before they call the op; these keep a direct caller from reading out of bounds).
+void CheckVector(const std::optional<Tensor>& t, const char* name, int64_t C) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->device().is_cpu() && t->dim() == 1 && t->size(0) == C &&
+                  at::isFloatingType(t->scalar_type()),
+              "numbabn.torch: ", name, " must be a floating-point CPU tensor of shape (", C,
+              ",), one value per channel; got ", t->scalar_type(), " ", t->sizes(), " on ",
+              t->device());
+}
+
+void CheckArguments(const Tensor& x, const std::optional<Tensor>& weight,
+                    const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
+                    const std::optional<Tensor>& running_var) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2 && x.numel() > 0,
+              "numbabn.torch: input must be a non-empty CPU tensor (N, C, ...); got ",
+              x.sizes(), " on ", x.device());
+  const int64_t C = x.size(1);
+  CheckVector(weight, "weight", C);
+  CheckVector(bias, "bias", C);
+  CheckVector(running_mean, "running_mean", C);
+  CheckVector(running_var, "running_var", C);
+}
+
 // The module's eager forward: batch statistics (`training`; the running statistics, when
 // given, updated with weight `factor`) or the running ones.
 Tensor BatchNorm(const Tensor& x, const std::optional<Tensor>& weight,
                  const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
                  const std::optional<Tensor>& running_var, bool training, double factor,
                  double eps) {
+  CheckArguments(x, weight, bias, running_mean, running_var);
   if (training) {
+    TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
+                "numbabn.torch: running_mean and running_var must be given together");
     return TrainFunction::apply(x, weight, bias, running_mean, running_var, factor, eps);
   }
+  TORCH_CHECK(running_mean.has_value() && running_mean->defined(),
+              "running_mean must be defined in evaluation mode");
+  TORCH_CHECK(running_var.has_value() && running_var->defined(),
+              "running_var must be defined in evaluation mode");
   return InferenceFunction::apply(x, weight, bias, *running_mean, *running_var, eps);
 }
 
