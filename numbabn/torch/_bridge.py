@@ -1,4 +1,9 @@
-"""Tensors in, numbabn's kernels, tensors out: zero-copy views both ways.
+"""Tensors in, numbabn's kernels, tensors out: zero-copy views both ways (the Python path).
+
+Eager calls on CPU tensors in torch's memory formats go to the compiled op instead
+(``numbabn.torch._native``) when it is built; this module serves the rest: CUDA tensors,
+traced code (through ``_ops``' custom operators), other strides, and every call where
+the op cannot be built.
 
 A CPU tensor is handed to numbabn as ``t.detach().numpy()``, a NumPy view with the
 tensor's strides, so channels-last and channels-last-3d tensors reach the kernels as
