@@ -23,6 +23,7 @@ from ... import _native as _build
 SOURCE = Path(__file__).with_name("numbabn_torch.cc")
 INCLUDE = _build.INCLUDE
 
+
 def _flags():
     import torch
     from torch.utils import cpp_extension
