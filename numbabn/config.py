@@ -48,6 +48,15 @@ FOLD_ROW_WIDTH = 128
 #: 195 us, 2**20: 369 vs 290 us, 2**21: 742 vs 485 us.
 SERIAL_BELOW = 2 ** 19
 
+#: The same threshold for numbabn's PyTorch op (``numbabn.torch._native``), whose tasks run
+#: on PyTorch's own OpenMP pool: awake inside a model step and cheap to use, so it takes
+#: PyTorch's own grain (``at::internal::GRAIN_SIZE``). Measured on 2 cores, the op's eval
+#: forward in a loop, right after a PyTorch op, forced serial vs parallel: (64, 256) 35 vs
+#: 37 us, (32, 128, 8, 8) 122 vs 93 us; inside LeNet's training step (backward hooks,
+#: medians, two runs) the (128, 16, 10, 10) backward 414-415 us at 2**19 against 268-307 us
+#: at 2**14-2**16, the other layers unchanged.
+TORCH_SERIAL_BELOW = 2 ** 15
+
 # ------------------------------------------------------------------------- CUDA launches
 # The CUDA kernels split every channel's elements into blocks by these numbers and the
 # array's shape alone (``numbabn._cuda.launch_plan``), never by the device: the same

@@ -67,7 +67,7 @@ def _open(path):
     torch.ops.load_library(str(path))
     lib = ctypes.CDLL(str(path))  # the same library: dlopen returns the loaded one
     lib.numbabn_torch_set_config.argtypes = [ctypes.c_int64, ctypes.c_int64]
-    lib.numbabn_torch_set_config(config.SERIAL_BELOW, config.LANES)
+    lib.numbabn_torch_set_config(config.TORCH_SERIAL_BELOW, config.LANES)
     lib.numbabn_torch_pool_cached_bytes.restype = ctypes.c_int64
     # the op's C++ overload, called directly: the Python wrapper's __call__ is skipped
     return torch.ops.numbabn_native.batch_norm.default._op, lib

@@ -45,7 +45,7 @@ using torch::autograd::variable_list;
 
 // numbabn_torch_set_entry's table (numbabn/_native/entry_points.h)
 std::atomic<void*> g_entries[numbabn::kSlots];
-std::atomic<int64_t> g_serial_below{1 << 19};
+std::atomic<int64_t> g_serial_below{1 << 15};
 std::atomic<int64_t> g_lanes{64};
 
 using numbabn::Entries;
@@ -154,8 +154,8 @@ Tensor Float64(std::vector<double>&& v) {
 }
 
 // Runs fn(t0, t1) over the tasks [0, n) of a pass over `elements` elements: on the
-// calling thread below numbabn.config.SERIAL_BELOW elements (waking a thread costs more
-// than it saves there), else on PyTorch's intra-op pool. Each task writes its own
+// calling thread below numbabn.config.TORCH_SERIAL_BELOW elements, else on PyTorch's
+// intra-op pool. Each task writes its own
 // partial result or elements; they are merged in task order afterwards.
 void RunTasks(int64_t elements, int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 1 || elements < g_serial_below.load() || at::get_num_threads() <= 1 ||
