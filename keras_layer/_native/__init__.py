@@ -32,23 +32,10 @@ def _flags():
             + tf.sysconfig.get_link_flags())
 
 
-def library_path():
-    """Where the compiled library for this source and TensorFlow lives (built or not)."""
+def _version():
     import tensorflow as tf
 
-    return _build.library_path(SOURCE, "numbabn_tf_ops", tf.__version__, _flags())
-
-
-def build(quiet=False):
-    """Compile the op library if it is not built yet; return its path.
-
-    Raises
-    ------
-    RuntimeError
-        No C++ compiler, or the compiler failed (its output is in the message).
-    """
-    return _build.compile_library(SOURCE, library_path(), _flags(), "TensorFlow op", "~20 s",
-                                  quiet)
+    return tf.__version__
 
 
 def _register(lib, dtype):
@@ -77,9 +64,12 @@ def wait_compiled(timeout=None):
     return True
 
 
-_op = _build.CompiledOp("TensorFlow op", "NUMBABN_TF_OP", build, _open, _register,
+_op = _build.CompiledOp("TensorFlow op", "NUMBABN_TF_OP", SOURCE, "numbabn_tf_ops", _version,
+                        _flags, "~20 s", _open, _register,
                         who="keras_layer", fallback="tf.numpy_function", at_load=("float32",))
 _state = _op.state
+#: where the compiled library lives (built or not); compile it if it is not built yet
+library_path, build = _op.library_path, _op.build
 
 #: the op module (``numbabn_train``, ``numbabn_inference``, ``numbabn_train_grad``), or
 #: ``None`` where the layer must use the ``tf.numpy_function`` bridge (noted once)

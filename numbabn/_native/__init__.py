@@ -125,27 +125,46 @@ class CompiledOp:
     ``env_var=0``) `load` gives ``None`` and the caller's Python path runs, with one
     ``RuntimeWarning`` saying why (none when switched off).
 
-    ``build() -> path``; ``open_library(path) -> (handle, lib)``: what `load` returns
-    and the ctypes library; ``register(lib, dtype)`` hands over a dtype's entry points;
-    ``at_load``: the dtypes registered as the library loads; ``who`` / ``fallback``
-    name the caller and its Python path in the notes.
+    ``source``, compiled with ``flags()`` against the framework of ``version()`` (both
+    called when needed: the framework is imported then) into `library_path`, named
+    ``stem`` and a hash; ``duration``: its build time, for the note.
+    ``open_library(path) -> (handle, lib)``: what `load` returns and the ctypes library;
+    ``register(lib, dtype)`` hands over a dtype's entry points; ``at_load``: the dtypes
+    registered as the library loads; ``who`` / ``fallback`` name the caller and its
+    Python path in the notes.
     """
 
-    def __init__(self, name, env_var, build, open_library, register, who, fallback,
-                 at_load=()):
+    def __init__(self, name, env_var, source, stem, version, flags, duration, open_library,
+                 register, who, fallback, at_load=()):
         self.name, self.env_var, self.who, self.fallback = name, env_var, who, fallback
-        self._build, self._open, self._register, self._at_load = (
-            build, open_library, register, at_load)
+        self._source, self._stem, self._version, self._flags = source, stem, version, flags
+        self._duration = duration
+        self._open, self._register, self._at_load = open_library, register, at_load
         self._lock = threading.Lock()
         #: "op": the handle or None, "why": the reason it is None, "lib": the ctypes
         #: library, "registered": the dtypes whose entry points it has
         self.state = {}
 
+    def library_path(self):
+        """Where the compiled library lives (built or not)."""
+        return library_path(self._source, self._stem, self._version(), self._flags())
+
+    def build(self, quiet=False):
+        """Compile the library if it is not built yet; return its path.
+
+        Raises
+        ------
+        RuntimeError
+            No C++ compiler, or the compiler failed (its output is in the message).
+        """
+        return compile_library(self._source, self.library_path(), self._flags(), self.name,
+                               self._duration, quiet)
+
     def _load(self):
         if os.environ.get(self.env_var, "1") == "0":
             return None, f"{self.env_var}=0 is set"
         try:
-            path = self._build()
+            path = self.build()
         except (RuntimeError, OSError) as exc:
             return None, f"the op could not be compiled: {exc}"
         handle, lib = self._open(path)
@@ -194,7 +213,7 @@ class CompiledOp:
         """Build the op ahead of its first use (the Makefile does). Without a compiler
         this says so and exits 0: the caller's Python path works then."""
         try:
-            print(f"numbabn's {self.name}: {self._build(quiet=True)}")
+            print(f"numbabn's {self.name}: {self.build(quiet=True)}")
         except (RuntimeError, OSError) as exc:
             print(f"numbabn's {self.name} was not built ({exc}); {self.who} will use "
                   f"{self.fallback}", file=sys.stderr)

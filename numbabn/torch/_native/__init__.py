@@ -36,23 +36,10 @@ def _flags():
             + [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"])
 
 
-def library_path():
-    """Where the compiled library for this source and PyTorch lives (built or not)."""
+def _version():
     import torch
 
-    return _build.library_path(SOURCE, "numbabn_torch_ops", torch.__version__, _flags())
-
-
-def build(quiet=False):
-    """Compile the op library if it is not built yet; return its path.
-
-    Raises
-    ------
-    RuntimeError
-        No C++ compiler, or the compiler failed (its output is in the message).
-    """
-    return _build.compile_library(SOURCE, library_path(), _flags(), "PyTorch op", "~1 min",
-                                  quiet)
+    return torch.__version__
 
 
 def _register(lib, dtype):
@@ -73,9 +60,12 @@ def _open(path):
     return torch.ops.numbabn_native.batch_norm.default._op, lib
 
 
-_op = _build.CompiledOp("PyTorch op", "NUMBABN_TORCH_OP", build, _open, _register,
+_op = _build.CompiledOp("PyTorch op", "NUMBABN_TORCH_OP", SOURCE, "numbabn_torch_ops", _version,
+                        _flags, "~1 min", _open, _register,
                         who="numbabn.torch", fallback="the Python path")
 _state = _op.state
+#: where the compiled library lives (built or not); compile it if it is not built yet
+library_path, build = _op.library_path, _op.build
 
 #: ``torch.ops.numbabn_native.batch_norm`` (its C++ callable), or ``None`` where the
 #: modules keep the Python path (noted once)
