@@ -2,6 +2,8 @@
 tensors in torch's memory formats, the Python path's bits, no copies, its buffer pool,
 and the fallback without a compiler."""
 
+import os
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -123,6 +125,35 @@ def test_pooled_outputs_are_not_reused_while_held_and_memory_stays_bounded():
     # each step's output and gradient are freed before the next step: reused, so the
     # pool grows by a buffer or two, not by 400
     assert _native.pool_cached_bytes() <= cached + 2 * x.numel() * 4
+
+
+def _vm_flags(address):
+    """The VmFlags of the mapping of this process that holds ``address``."""
+    start = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                start = lo if lo <= address < hi else None
+            elif head == "VmFlags:" and start is not None:
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="no transparent huge pages on this system (Linux only)")
+def test_pooled_buffers_of_2_mib_and_more_ask_for_huge_pages():
+    """A 51 MB activation on 4 KiB pages is 12,500 TLB entries a sweep; the pool asks
+    for transparent huge pages (MADV_HUGEPAGE, the advice NumPy gives its own large
+    arrays) on buffers aligned to 2 MiB. Before, the advice went to malloc's unaligned
+    block, madvise refused it (EINVAL) and nothing said so: the mapping has no ``hg``."""
+    module = tc.OURS[2](16).eval()
+    x = tc.make_x((8, 16, 64, 64), torch.contiguous_format, torch.float32, seed=9)
+    y = module(x)
+    assert y.numel() * 4 >= 2 << 20
+    assert y.data_ptr() % (2 << 20) == 0
+    assert "hg" in _vm_flags(y.data_ptr())
 
 
 FALLBACK = """

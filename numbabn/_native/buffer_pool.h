@@ -40,8 +40,13 @@ class BufferPool {
         return p;
       }
     }
-    void* p = std::aligned_alloc(kAlign, RoundUp(bytes));
-    if (p != nullptr) madvise(p, RoundUp(bytes), MADV_HUGEPAGE);  // advice only
+    // Aligned to a huge page, so that the advice can cover the whole buffer: madvise
+    // takes page-aligned ranges only (on malloc's 16-byte-offset block it fails with
+    // EINVAL, which is what this did before). Advice only: ignored where THP is off.
+    const size_t align = bytes >= kHugePage ? kHugePage : kAlign;
+    const size_t size = (bytes + align - 1) / align * align;
+    void* p = std::aligned_alloc(align, size);
+    if (p != nullptr && align == kHugePage) madvise(p, size, MADV_HUGEPAGE);
     return p;
   }
 
@@ -70,6 +75,7 @@ class BufferPool {
   }
 
   static constexpr size_t kAlign = 64;
+  static constexpr size_t kHugePage = 2 << 20;
   static constexpr size_t kMinBytes = 256 << 10;
 
  private:
@@ -82,7 +88,6 @@ class BufferPool {
     const char* mb = std::getenv("NUMBABN_POOL_MB");
     limit_ = (mb ? std::strtoull(mb, nullptr, 10) : 1024ull) << 20;
   }
-  static size_t RoundUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
   std::mutex mu_;
   std::multimap<size_t, Entry> free_;
