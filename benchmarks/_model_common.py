@@ -447,14 +447,46 @@ def interleaved_medians(fns, rounds=7, min_block=0.5, warmup=2):
     return {key: statistics.median(v) for key, v in samples.items()}, samples
 
 
+def summarize_rounds(median, samples, variants, modes):
+    """``ms``, ``spread`` and ``paired`` of `interleaved_medians`' output.
+
+    ``ms[mode][variant]``: median milliseconds per step; ``spread[mode][variant]``:
+    (max - min) / median over the rounds. ``paired[mode]``: numbabn's speed-up over
+    stock round by round, stock's block time over numbabn's *in the same round* (seconds
+    apart, so a change of load between rounds, which moves the medians of both by 10-40 %
+    on a shared machine, cancels): ``median``, ``low``, ``high`` of the per-round ratios
+    and ``wins``, the rounds in which numbabn was faster, out of ``rounds``. With R
+    rounds and no real difference, numbabn wins all R with probability 2**-R (a sign
+    test), so "faster in 9 of 9 rounds" means something that a median ratio of 1.03
+    alone does not. Empty when stock or numbabn was not timed.
+    """
+    ms = {mode: {k: 1e3 * median[(k, mode)] for k in variants} for mode in modes}
+    spread = {mode: {k: (max(samples[(k, mode)]) - min(samples[(k, mode)]))
+                     / median[(k, mode)] for k in variants} for mode in modes}
+    paired = {}
+    if "stock" in variants and "numbabn" in variants:
+        for mode in modes:
+            ratios = [s / n for s, n in zip(samples[("stock", mode)],
+                                            samples[("numbabn", mode)])]
+            paired[mode] = dict(median=statistics.median(ratios), low=min(ratios),
+                                high=max(ratios), wins=sum(r > 1 for r in ratios),
+                                rounds=len(ratios))
+    return dict(ms=ms, spread=spread, paired=paired)
+
+
+def paired_text(paired):
+    """One table cell for `summarize_rounds`' ``paired[mode]``."""
+    return (f"{paired['median']:.2f} ({paired['low']:.2f}-{paired['high']:.2f}), "
+            f"{paired['wins']}/{paired['rounds']}")
+
+
 def measure_model(name, size=None, batch=None, classes=None, tiny=None, rounds=7,
                   min_block=0.5, warmup=2, variants=VARIANTS):
     """Build, check and time one model's variants (`CONFIG` fills the defaults).
 
-    Returns a plain dict (picklable, for asv's setup_cache): ``ms[mode][variant]`` median
-    milliseconds per step, ``spread[mode][variant]`` (max - min) / median over the
-    rounds, ``errors`` from `check_variants`, ``bn_layers``, the configuration, and
-    ``seconds`` (build, check, timing) of wall time.
+    Returns a plain dict (picklable, for asv's setup_cache): ``ms``, ``spread`` and
+    ``paired`` (`summarize_rounds`), ``errors`` from `check_variants`, ``bn_layers``,
+    the configuration, and ``seconds`` (build, check, timing) of wall time.
     """
     cfg = dict(CONFIG)
     cfg.update({k: v for k, v in dict(size=size, batch=batch, classes=classes,
@@ -468,10 +500,8 @@ def measure_model(name, size=None, batch=None, classes=None, tiny=None, rounds=7
     t2 = time.perf_counter()
     median, samples = interleaved_medians(step_fns(models, x, y), rounds, min_block, warmup)
     t3 = time.perf_counter()
-    ms = {mode: {k: 1e3 * median[(k, mode)] for k in models} for mode in MODES}
-    spread = {mode: {k: (max(samples[(k, mode)]) - min(samples[(k, mode)]))
-                     / median[(k, mode)] for k in models} for mode in MODES}
-    return dict(model=name, ms=ms, spread=spread, errors=errors, config=cfg,
+    return dict(model=name, **summarize_rounds(median, samples, models, MODES),
+                errors=errors, config=cfg,
                 rounds=rounds, bn_layers=len(bn_layers(base)),
                 layers=len(list(leaf_layers(base))),
                 seconds=dict(build=t1 - t0, check=t2 - t1, timing=t3 - t2))

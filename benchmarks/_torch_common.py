@@ -430,11 +430,12 @@ def measure_torch_model(name, rounds=7, min_block=0.5, cfg=None, timed=None):
     ``cfg``: the model's configuration, by default ``MODELS[name]``.
 
     ``ms[mode][variant]``: median ms per step over ``rounds`` interleaved rounds
-    (`_model_common.interleaved_medians`); ``errors`` from `check_model`; ``bn_layers``;
+    (`_model_common.interleaved_medians`), ``spread`` and ``paired`` as
+    `_model_common.summarize_rounds` gives them; ``errors`` from `check_model`; ``bn_layers``;
     ``seconds`` (build + check, timing) of wall time. ``timed``: the variants timed
     (every one by default; all are checked).
     """
-    from ._model_common import interleaved_medians
+    from ._model_common import interleaved_medians, summarize_rounds
 
     cfg = cfg or MODELS[name]
     t0 = time.perf_counter()
@@ -446,10 +447,8 @@ def measure_torch_model(name, rounds=7, min_block=0.5, cfg=None, timed=None):
     t1 = time.perf_counter()
     median, samples = interleaved_medians(model_step_fns(variants, x, y), rounds, min_block)
     t2 = time.perf_counter()
-    ms = {mode: {k: 1e3 * median[(k, mode)] for k in variants} for mode in MODEL_MODES}
-    spread = {mode: {k: (max(samples[(k, mode)]) - min(samples[(k, mode)]))
-                     / median[(k, mode)] for k in variants} for mode in MODEL_MODES}
-    return dict(model=name, ms=ms, spread=spread, errors=errors, config=cfg,
+    return dict(model=name, **summarize_rounds(median, samples, variants, MODEL_MODES),
+                errors=errors, config=cfg,
                 rounds=rounds, bn_layers=len(bn_modules(variants["stock"])),
                 seconds=dict(check=t1 - t0, timing=t2 - t1))
 

@@ -34,7 +34,7 @@ if __package__:  # imported by asv's benchmark discovery, as benchmarks.model_re
     from ._keras_common import thread_info
     from ._model_common import (
         FULL, MODELS, MODES, TINY, TOLERANCE, bn_cost_ratio, measure_model,
-        speedup_vs_stock,
+        paired_text, speedup_vs_stock,
     )
     from .report import cpu_model
 else:  # run as a script: make the repository root (benchmarks/, numbabn/) importable
@@ -43,7 +43,7 @@ else:  # run as a script: make the repository root (benchmarks/, numbabn/) impor
     from benchmarks._keras_common import thread_info
     from benchmarks._model_common import (
         FULL, MODELS, MODES, TINY, TOLERANCE, bn_cost_ratio, measure_model,
-        speedup_vs_stock,
+        paired_text, speedup_vs_stock,
     )
     from benchmarks.report import cpu_model
 
@@ -51,7 +51,8 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 HEADER = ("model, ms per step", "stock Keras BN", "numbabn", "TF fused op in a Keras layer",
-          "BN removed (bound)", "numbabn vs stock", "BN cost numbabn / fused")
+          "BN removed (bound)", "numbabn vs stock",
+          "per round: median (range), rounds faster", "BN cost numbabn / fused")
 COLUMNS = ("stock", "numbabn", "fused", "no_bn")
 
 
@@ -74,7 +75,7 @@ def rows_and_notes(result, label):
         t = ms[mode]
         ratio = bn_cost_ratio(ms, mode)
         rows.append([f"{label} {mode}", *(fmt_ms(t[k]) for k in COLUMNS),
-                     f"{speedup_vs_stock(ms, mode):.2f}",
+                     f"{speedup_vs_stock(ms, mode):.2f}", paired_text(result["paired"][mode]),
                      "n/a" if np.isnan(ratio) else f"{ratio:.2f}"])
         cost = ", ".join(f"{k} {fmt_ms(t[k] - t['no_bn'])}" for k in COLUMNS[:3])
         spread = ", ".join(f"{k} {100 * result['spread'][mode][k]:.0f} %" for k in COLUMNS)
@@ -162,7 +163,11 @@ def main(argv=None):
         "keras.layers.BatchNormalization subclass calling tf.raw_ops.FusedBatchNormV3 "
         "(gradient FusedBatchNormGradV3) with Keras's moving update. bound: every BN "
         "replaced by an Identity layer, same weights otherwise.",
-        "- numbabn vs stock = stock ms / numbabn ms. BN cost = variant ms - bound ms; the "
+        "- numbabn vs stock = stock ms / numbabn ms (the medians). per round: stock's "
+        "time over numbabn's within each round (seconds apart, so the machine's load "
+        "drifts cancel), the median and range of those ratios, and in how many rounds "
+        "numbabn was faster (all R of R by chance alone: probability 2^-R).",
+        "- BN cost = variant ms - bound ms; the "
         "last column is numbabn's BN cost over the fused op's (below 1: numbabn's BN "
         "layers cost less than TF's fused kernel in the same model).",
     ] + [f"- {note}" for note in notes]))

@@ -37,6 +37,7 @@ if __package__:  # imported by asv's benchmark discovery, as benchmarks.torch_re
         MODELS, SMALL_KERNEL_CASES, SMALL_MODELS, bn_cost_ratio, check_kernel_case,
         kernel_case, kernel_ops, measure_torch_model, torch_copy_bandwidth, use_threads,
     )
+    from ._model_common import paired_text
     from .report import cpu_model
 else:  # run as a script: make the repository root (benchmarks/, numbabn/) importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,6 +48,7 @@ else:  # run as a script: make the repository root (benchmarks/, numbabn/) impor
         MODELS, SMALL_KERNEL_CASES, SMALL_MODELS, bn_cost_ratio, check_kernel_case,
         kernel_case, kernel_ops, measure_torch_model, torch_copy_bandwidth, use_threads,
     )
+    from benchmarks._model_common import paired_text
     from benchmarks.report import cpu_model
 
 import numba  # noqa: E402
@@ -55,7 +57,8 @@ import numpy as np  # noqa: E402
 KERNEL_HEADER = ("case", "op", "numbabn ms", "torch ms", "speed-up vs torch", "floor ms",
                  "numbabn x floor", "torch x floor")
 MODEL_HEADER = ("model", "step", "stock torch.nn BN ms", "numbabn ms", "BN removed ms",
-                "speed-up vs stock", "BN cost numbabn / stock")
+                "speed-up vs stock", "per round: median (range), rounds faster",
+                "BN cost numbabn / stock")
 #: bytes moved per op, in x.nbytes (`_common.BYTES_MOVED`); eval forward = "inference"
 OP_BYTES = {"train": "train", "inference": "inference", "backward": "backward"}
 
@@ -107,7 +110,7 @@ def model_rows(result):
         ratio = bn_cost_ratio(ms, mode)
         rows.append([result["model"], "train step" if mode == "train" else "eval forward",
                      fmt_ms(t["stock"]), fmt_ms(t["numbabn"]), fmt_ms(t["no_bn"]),
-                     f"{t['stock'] / t['numbabn']:.2f}",
+                     f"{t['stock'] / t['numbabn']:.2f}", paired_text(result["paired"][mode]),
                      "n/a" if np.isnan(ratio) else f"{ratio:.2f}"])
     return rows
 
@@ -185,6 +188,10 @@ def main(argv=None):
         "numbabn.torch.convert(copy.deepcopy(stock)); BN removed: every BN module an "
         "nn.Identity (the bound). BN cost = variant ms - BN-removed ms; the last column "
         "is numbabn's BN cost over stock's (below 1: numbabn's BN costs less).",
+        "- speed-up vs stock: the medians' ratio. per round: stock's time over numbabn's "
+        "within each round (seconds apart, so the machine's load drifts cancel), the "
+        "median and range of those ratios, and in how many rounds numbabn was faster "
+        "(all R of R by chance alone: probability 2^-R).",
     ]
     for name, res in results.items():
         cfg = res["config"]

@@ -153,6 +153,25 @@ def test_conv_bn_report_checks_every_variant_against_stock():
 
 
 
+def test_summarize_rounds_pairs_stock_and_numbabn_round_by_round():
+    from benchmarks._model_common import paired_text, summarize_rounds
+
+    # a slow second round hits both variants: the medians' ratio hides what the pairs show
+    samples = {("stock", "train"): [1.0, 3.0, 1.2], ("numbabn", "train"): [0.8, 2.5, 1.3],
+               ("no_bn", "train"): [0.5, 1.5, 0.6]}
+    median = {k: sorted(v)[1] for k, v in samples.items()}
+    got = summarize_rounds(median, samples, ["stock", "numbabn", "no_bn"], ["train"])
+    assert got["ms"]["train"] == {"stock": 1200.0, "numbabn": 1300.0, "no_bn": 600.0}
+    assert got["spread"]["train"]["stock"] == pytest.approx(2.0 / 1.2)
+    paired = got["paired"]["train"]
+    assert paired["median"] == pytest.approx(1.2)  # 1.25, 1.2, 0.923
+    assert (paired["low"], paired["high"]) == (pytest.approx(1.2 / 1.3), pytest.approx(1.25))
+    assert (paired["wins"], paired["rounds"]) == (2, 3)
+    assert paired_text(paired) == "1.20 (0.92-1.25), 2/3"
+    # without both variants timed, nothing to pair
+    assert summarize_rounds(median, samples, ["stock", "no_bn"], ["train"])["paired"] == {}
+
+
 def test_best_of_interleaved_counts_repeat_runs_of_each_function():
     from benchmarks._common import best_of_interleaved
 
