@@ -424,7 +424,7 @@ def model_step_fns(variants, x, y):
     return fns
 
 
-def measure_torch_model(name, rounds=7, min_block=0.5, cfg=None, timed=None):
+def measure_torch_model(name, rounds=7, min_block=0.5, cfg=None, timed=None, bn_rounds=0):
     """Build, check and time one model's variants; a plain (picklable) dict.
 
     ``cfg``: the model's configuration, by default ``MODELS[name]``.
@@ -433,7 +433,8 @@ def measure_torch_model(name, rounds=7, min_block=0.5, cfg=None, timed=None):
     (`_model_common.interleaved_medians`), ``spread`` and ``paired`` as
     `_model_common.summarize_rounds` gives them; ``errors`` from `check_model`; ``bn_layers``;
     ``seconds`` (build + check, timing) of wall time. ``timed``: the variants timed
-    (every one by default; all are checked).
+    (every one by default; all are checked). ``bn_rounds`` > 0 adds ``bn_ms[mode][variant]``
+    for stock and numbabn: `bn_step_ms` with that many rounds (profiled after the timing).
     """
     from ._model_common import interleaved_medians, summarize_rounds
 
@@ -445,12 +446,66 @@ def measure_torch_model(name, rounds=7, min_block=0.5, cfg=None, timed=None):
     if timed is not None:
         variants = {k: v for k, v in variants.items() if k in timed}
     t1 = time.perf_counter()
-    median, samples = interleaved_medians(model_step_fns(variants, x, y), rounds, min_block)
+    fns = model_step_fns(variants, x, y)
+    median, samples = interleaved_medians(fns, rounds, min_block)
+    bn_ms = {mode: {v: bn_step_ms(fns[(v, mode)], rounds=bn_rounds)
+                    for v in ("stock", "numbabn") if v in variants}
+             for mode in MODEL_MODES} if bn_rounds else {}
     t2 = time.perf_counter()
     return dict(model=name, **summarize_rounds(median, samples, variants, MODEL_MODES),
-                errors=errors, config=cfg,
+                bn_ms=bn_ms, errors=errors, config=cfg,
                 rounds=rounds, bn_layers=len(bn_modules(variants["stock"])),
                 seconds=dict(check=t1 - t0, timing=t2 - t1))
+
+
+def _is_bn_event(name):
+    """Whether a profiler event is one BN layer's work, whole: stock's forward
+    (``aten::batch_norm``) and backward node, numbabn's op (``numbabn_native::``) and its
+    C++ backward node (``...NumbabnTrainFunction>``), or the Python path's Functions."""
+    from numbabn.torch import _ops
+
+    if name.startswith("autograd::engine::evaluate_function: "):
+        name = name.split(": ", 1)[1]
+    return (name in ("aten::batch_norm", "NativeBatchNormBackward0",
+                     _ops._Train.__name__, _ops._Train.__name__ + "Backward",
+                     _ops._Inference.__name__, _ops._Inference.__name__ + "Backward")
+            or name.startswith(("numbabn_native::", "numbabn::")) or "Numbabn" in name)
+
+
+def bn_step_ms(fn, steps=10, rounds=3):
+    """Milliseconds per call of ``fn`` (a model step) spent in its BN layers, from
+    ``torch.profiler``: the wall time of every outermost BN event (`_is_bn_event`;
+    children included, so the op's allocations count), summed; the median of ``rounds``
+    profiles of ``steps`` calls. What the whole-step time cannot show when BN is a few
+    percent of a step that moves 20-40 % between rounds. Python around the op (the
+    module's own ``forward``) is not in it, for either library."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_round = []
+    for _ in range(rounds):
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                fn()
+        per_round.append(_bn_event_us(prof.events()) / 1e3 / steps)
+    return sorted(per_round)[len(per_round) // 2]
+
+
+def _bn_event_us(events):
+    """Microseconds of the outermost BN events (`_is_bn_event`) among profiler
+    ``events`` (``name``, ``cpu_parent``, ``cpu_time_total``): a BN event inside another
+    (``aten::native_batch_norm`` is not one, but a Function's op may be) is in its
+    parent's time already."""
+    total = 0.0
+    for event in events:
+        if not _is_bn_event(event.name):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not _is_bn_event(parent.name):
+            parent = parent.cpu_parent
+        if parent is None:
+            total += event.cpu_time_total
+    return total
 
 
 def bn_cost_ratio(ms, mode):

@@ -137,7 +137,8 @@ def main(argv=None):
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     threads = use_threads()
     rows, bandwidths, kernel_errors = measure_kernels(cases, repeat)
-    results = {name: measure_torch_model(name, rounds, min_block, cfg)
+    bn_rounds = 2 if args.quick else 5
+    results = {name: measure_torch_model(name, rounds, min_block, cfg, bn_rounds=bn_rounds)
                for name, cfg in models.items()}
     threads = use_threads()  # again: Numba's threading layer is known by now
     elapsed = time.perf_counter() - start
@@ -193,6 +194,18 @@ def main(argv=None):
         "median and range of those ratios, and in how many rounds numbabn was faster "
         "(all R of R by chance alone: probability 2^-R).",
     ]
+    bn_rows = [[res["model"], "train step" if mode == "train" else "eval forward",
+                fmt_ms(res["bn_ms"][mode]["stock"]), fmt_ms(res["bn_ms"][mode]["numbabn"]),
+                f"{res['bn_ms'][mode]['stock'] / res['bn_ms'][mode]['numbabn']:.2f}"]
+               for res in results.values() for mode in MODEL_MODES]
+    notes.append("- BN layers inside the step (torch.profiler, `_torch_common.bn_step_ms`): "
+                 "the wall time of the BN layers' forward ops and backward nodes, children "
+                 f"included, per step, median of {bn_rounds} profiles of 10 steps; the "
+                 "module's Python around its op is not in it, for either library. BN is a "
+                 "few percent of "
+                 "these steps, so this shows what the step's time cannot:\n\n"
+                 + markdown_table(("model", "step", "stock BN ms", "numbabn BN ms",
+                                   "speed-up"), bn_rows) + "\n")
     for name, res in results.items():
         cfg = res["config"]
         size = f"{cfg['channels']}x{cfg['size']}x{cfg['size']}"

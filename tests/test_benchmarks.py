@@ -172,6 +172,42 @@ def test_summarize_rounds_pairs_stock_and_numbabn_round_by_round():
     assert summarize_rounds(median, samples, ["stock", "no_bn"], ["train"])["paired"] == {}
 
 
+@pytest.mark.skipif(not HAVE_TORCH, reason="numbabn.torch is an optional extra")
+def test_bn_step_ms_counts_each_bn_layer_once_and_nothing_else():
+    import types
+
+    import torch
+
+    import numbabn.torch as nbt
+    from benchmarks._torch_common import _bn_event_us, _is_bn_event, bn_step_ms
+
+    names = ["aten::batch_norm", "NativeBatchNormBackward0", "numbabn_native::batch_norm",
+             "autograd::engine::evaluate_function: NativeBatchNormBackward0",
+             "torch::autograd::CppNode<(anonymous namespace)::NumbabnTrainFunction>",
+             "_Train", "_InferenceBackward", "numbabn::batch_norm_train"]
+    assert all(_is_bn_event(n) for n in names)
+    assert not any(_is_bn_event(n) for n in ["aten::native_batch_norm", "aten::conv2d",
+                                             "aten::add_", "AddBackward0", "_Trainer"])
+
+    def event(name, us, parent=None):
+        return types.SimpleNamespace(name=name, cpu_time_total=us, cpu_parent=parent)
+
+    step = event("ProfilerStep", 1000)
+    fwd = event("aten::batch_norm", 100, step)
+    bwd = event("autograd::engine::evaluate_function: _TrainBackward", 30)
+    events = [step, fwd, event("aten::native_batch_norm", 90, fwd),
+              event("numbabn_native::batch_norm", 40, event("aten::relu", 5, fwd)), bwd,
+              event("_TrainBackward", 25, bwd), event("aten::conv2d", 500, step)]
+    assert _bn_event_us(events) == 100 + 30  # nested ones are in their parent's time
+
+    x = torch.randn(8, 4, 16, 16, requires_grad=True)
+    for bn in (torch.nn.BatchNorm2d(4), nbt.BatchNorm2d(4)):
+        assert bn_step_ms(lambda bn=bn: bn(x).sum().backward(), steps=3, rounds=1) > 0
+    conv = torch.ones(4, 4, 1, 1)
+    assert bn_step_ms(lambda: torch.nn.functional.conv2d(x, conv).sum().backward(),
+                      steps=3, rounds=1) == 0
+
+
 def test_best_of_interleaved_counts_repeat_runs_of_each_function():
     from benchmarks._common import best_of_interleaved
 

@@ -327,7 +327,10 @@ void UpdateRunning(Tensor& running, const std::vector<double>& batch, double fac
   running.unsafeGetTensorImpl()->bump_version();  // as an in-place torch op does
 }
 
-struct TrainFunction : public torch::autograd::Function<TrainFunction> {
+// The autograd nodes' names say numbabn: the profiler shows the backward as
+// "torch::autograd::CppNode<(anonymous namespace)::NumbabnTrainFunction>", which is how
+// benchmarks/_torch_common.bn_step_ms finds a BN layer's backward in a model's trace.
+struct NumbabnTrainFunction : public torch::autograd::Function<NumbabnTrainFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x,
                         const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                         std::optional<Tensor> running_mean, std::optional<Tensor> running_var,
@@ -365,7 +368,7 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
   }
 };
 
-struct InferenceFunction : public torch::autograd::Function<InferenceFunction> {
+struct NumbabnInferenceFunction : public torch::autograd::Function<NumbabnInferenceFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x,
                         const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                         const Tensor& running_mean, const Tensor& running_var, double eps) {
@@ -429,13 +432,13 @@ Tensor BatchNorm(const Tensor& x, const std::optional<Tensor>& weight,
   if (training) {
     TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
                 "numbabn.torch: running_mean and running_var must be given together");
-    return TrainFunction::apply(x, weight, bias, running_mean, running_var, factor, eps);
+    return NumbabnTrainFunction::apply(x, weight, bias, running_mean, running_var, factor, eps);
   }
   TORCH_CHECK(running_mean.has_value() && running_mean->defined(),
               "running_mean must be defined in evaluation mode");
   TORCH_CHECK(running_var.has_value() && running_var->defined(),
               "running_var must be defined in evaluation mode");
-  return InferenceFunction::apply(x, weight, bias, *running_mean, *running_var, eps);
+  return NumbabnInferenceFunction::apply(x, weight, bias, *running_mean, *running_var, eps);
 }
 
 }  // namespace
