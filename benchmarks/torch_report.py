@@ -28,6 +28,9 @@ import time
 # Before Numba or PyTorch load: spinning OpenMP threads left by one library's kernel
 # slow the other's next operation.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch.profiler (`_torch_common.bn_step_ms`) logs "USDT: ... profiler_start/stop" on
+# stderr for every profile; kineto's top level (USDT is 5) silences it
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 if __package__:  # imported by asv's benchmark discovery, as benchmarks.torch_report
     from ._common import (BYTES_MOVED, best_of_interleaved, copy_bandwidth,
