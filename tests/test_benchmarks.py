@@ -275,7 +275,9 @@ def _ab_gate():
 def test_ab_gate_times_two_numbabns_in_turns_on_the_same_arrays_and_fails_a_slower_head(
         tmp_path):
     """This numbabn loaded twice side by side (from a copy: its own kernel cache), the
-    second's inference made ~3x slower: only its inference timings fail."""
+    second's inference made ~8x slower: only its inference timings fail. (The factor is
+    4, not the gate's default 1.5: these calls take 10-80 us, and one noisy best-of-3 on
+    a busy 2-core machine read 2.28x for an unchanged train in a fresh clone's run.)"""
     ab_gate = _ab_gate()
     shutil.copytree(ROOT / "numbabn", tmp_path / "numbabn",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -285,7 +287,7 @@ def test_ab_gate_times_two_numbabns_in_turns_on_the_same_arrays_and_fails_a_slow
 
     def slow(x, *args, **kwargs):
         seen.append(x)
-        for _ in range(2):
+        for _ in range(7):
             real(x, *args, **kwargs)
         return real(x, *args, **kwargs)
 
@@ -294,7 +296,7 @@ def test_ab_gate_times_two_numbabns_in_turns_on_the_same_arrays_and_fails_a_slow
     assert set(results) == {("small", op, n) for op in ab_gate.OPS
                             for n in sorted({1, numba.get_num_threads()})}
     assert len({id(x) for x in seen}) == 1  # one input array for all
-    text, failed = ab_gate.report(results, 1.5, "a" * 40, "b" * 40, 3)
+    text, failed = ab_gate.report(results, 4.0, "a" * 40, "b" * 40, 3)
     assert failed, text
     failing = [line for line in text.split("FAIL")[1].splitlines()[1:]]
     assert failing and all(" inference " in line for line in failing), text
