@@ -36,17 +36,16 @@ class BufferPool {
       if (it != free_.end()) {
         void* p = it->second.data;
         free_.erase(it);
-        cached_ -= bytes;
+        cached_ -= Footprint(bytes);
         return p;
       }
     }
     // Aligned to a huge page, so that the advice can cover the whole buffer: madvise
     // takes page-aligned ranges only (on malloc's 16-byte-offset block it fails with
     // EINVAL, which is what this did before). Advice only: ignored where THP is off.
-    const size_t align = bytes >= kHugePage ? kHugePage : kAlign;
-    const size_t size = (bytes + align - 1) / align * align;
-    void* p = std::aligned_alloc(align, size);
-    if (p != nullptr && align == kHugePage) madvise(p, size, MADV_HUGEPAGE);
+    const size_t align = Alignment(bytes);
+    void* p = std::aligned_alloc(align, Footprint(bytes));
+    if (p != nullptr && align == kHugePage) madvise(p, Footprint(bytes), MADV_HUGEPAGE);
     return p;
   }
 
@@ -55,13 +54,13 @@ class BufferPool {
     {
       std::lock_guard<std::mutex> lock(mu_);
       free_.emplace(bytes, Entry{p, ++clock_});
-      cached_ += bytes;
+      cached_ += Footprint(bytes);  // the cap counts what was allocated
       while (cached_ > limit_ && !free_.empty()) {  // the least recently freed first
         auto oldest = free_.begin();
         for (auto it = free_.begin(); it != free_.end(); ++it) {
           if (it->second.stamp < oldest->second.stamp) oldest = it;
         }
-        cached_ -= oldest->first;
+        cached_ -= Footprint(oldest->first);
         drop.push_back(oldest->second.data);
         free_.erase(oldest);
       }
@@ -83,6 +82,13 @@ class BufferPool {
     void* data;
     uint64_t stamp;
   };
+
+  static size_t Alignment(size_t bytes) { return bytes >= kHugePage ? kHugePage : kAlign; }
+  // The bytes a buffer of `bytes` occupies: rounded up to its alignment (a 2 MiB + 1 byte
+  // buffer takes 4 MiB)
+  static size_t Footprint(size_t bytes) {
+    return (bytes + Alignment(bytes) - 1) / Alignment(bytes) * Alignment(bytes);
+  }
 
   BufferPool() {
     const char* mb = std::getenv("NUMBABN_POOL_MB");
