@@ -151,14 +151,6 @@ def task_rows(k, rows_per_task, R):
     return r0, min(R, r0 + rows_per_task)
 
 
-# The rows reductions sweep several rows at a time (statistics four, gradient sums two:
-# two streams each), adding each channel's terms pairwise before they reach its
-# accumulator: one load and store of the accumulators per sweep instead of per row,
-# which in cache were the cost (float32, one thread, (8192, 128), elements/ns: statistics
-# 4.8 -> 6.0-7.0, gradient sums 3.6-4.0 -> 4.1-5.5; a copy 11). The order of each sum is
-# still the code's, the same on any number of threads.
-
-
 @njit(**_OPTS)
 def stats_rows_task(x, k, rows_per_task, counts, pmean, pm2):
     """Task ``k`` of `stats_rows`: its (count, mean, M2) of each column into ``pmean[k]``
@@ -174,18 +166,7 @@ def stats_rows_task(x, k, rows_per_task, counts, pmean, pm2):
     shift = np.empty(C)
     for c in range(C):
         shift[c] = widen(x[r0, c])
-    r4 = r0 + (r1 - r0) // 4 * 4
-    for r in range(r0, r4, 4):  # four rows per sweep: see above `stats_rows_task`
-        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-        for c in range(C):
-            sh = shift[c]
-            d0 = widen(x0[c]) - sh
-            d1 = widen(x1[c]) - sh
-            d2 = widen(x2[c]) - sh
-            d3 = widen(x3[c]) - sh
-            s1[c] += (d0 + d1) + (d2 + d3)
-            s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-    for r in range(r4, r1):
+    for r in range(r0, r1):
         xr = x[r]
         for c in range(C):
             d = widen(xr[c]) - shift[c]
@@ -216,7 +197,12 @@ def stats_planes(x, o_per, i_per, mean, var):
     A task reduces one channel over an ``o_per x i_per`` block with the block's first
     element as shift, in ``LANES`` float64 accumulators summed in lane order. (Runs
     shorter than ``LANES`` leave most accumulators idle: the whole operations of
-    ``train_short`` use ``stats_short_runs`` instead.)
+    ``train_short`` use ``stats_short_runs`` instead.) A run is swept two ``LANES``
+    vectors at a time, each lane's two terms added before its accumulator: one load and
+    store of the accumulators per 128 elements (float32, both versions in one process in
+    turns: 1.06-1.30x on one thread, 1.01-1.26x on two, (64, 64, 56, 56) included). The
+    same sweep over the rows reductions, or over the gradient sums, measured 0.4-0.8x on
+    inputs larger than the caches, or no better: not taken.
     """
     O, C, I = x.shape
     n_j = plane_parts(O, I, o_per, i_per)
@@ -246,7 +232,7 @@ def stats_planes_task(x, t, o_per, i_per, counts, pmean, pm2):
         xr = x[o, c, i0:i1]  # 1-D slices vectorize; 3-D indexing in the loop did not
         n_vec = (xr.size // LANES) * LANES
         n_two = (xr.size // (2 * LANES)) * 2 * LANES
-        for i in range(0, n_two, 2 * LANES):  # two vectors per sweep, as the rows' four
+        for i in range(0, n_two, 2 * LANES):  # two vectors per sweep: see the docstring
             xl = xr[i:i + LANES]
             xm = xr[i + LANES:i + 2 * LANES]
             for l in range(LANES):
@@ -655,17 +641,7 @@ def grad_sums_rows_task(dy, x, k, rows_per_task, mean, p1, p2):
     s2 = p2[k]
     s1[:] = 0.0
     s2[:] = 0.0
-    r2 = r0 + (r1 - r0) // 2 * 2
-    for r in range(r0, r2, 2):  # two rows per sweep: see above `stats_rows_task`
-        g0, g1 = dy[r], dy[r + 1]
-        x0, x1 = x[r], x[r + 1]
-        for c in range(C):
-            m = mean[c]
-            a0 = widen(g0[c])
-            a1 = widen(g1[c])
-            s1[c] += a0 + a1
-            s2[c] += a0 * (widen(x0[c]) - m) + a1 * (widen(x1[c]) - m)
-    for r in range(r2, r1):
+    for r in range(r0, r1):
         for c in range(C):
             g = widen(dy[r, c])
             s1[c] += g
@@ -698,18 +674,7 @@ def grad_sums_planes_task(dy, x, t, o_per, i_per, mean, p1, p2):
         xr = x[o, c, i0:i1]
         gr = dy[o, c, i0:i1]
         n_vec = (xr.size // LANES) * LANES
-        n_two = (xr.size // (2 * LANES)) * 2 * LANES
-        for i in range(0, n_two, 2 * LANES):  # as `stats_planes_task`
-            xl = xr[i:i + LANES]
-            gl = gr[i:i + LANES]
-            xm = xr[i + LANES:i + 2 * LANES]
-            gm = gr[i + LANES:i + 2 * LANES]
-            for l in range(LANES):
-                g = widen(gl[l])
-                h = widen(gm[l])
-                a1[l] += g + h
-                a2[l] += g * (widen(xl[l]) - m) + h * (widen(xm[l]) - m)
-        for i in range(n_two, n_vec, LANES):
+        for i in range(0, n_vec, LANES):
             xl = xr[i:i + LANES]
             gl = gr[i:i + LANES]
             for l in range(LANES):
