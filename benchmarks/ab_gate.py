@@ -14,9 +14,9 @@ minutes apart promise neither (absolute times of unchanged code moved by 20-80 %
 runs on the shared 2-core machine, the suite's ratios to a copy timed in the same turns
 by up to 1.48x; the same kernels in two worker processes, timed in turns, by up to 1.38x).
 Every kernel (train, inference, backward, statistics; into a preallocated ``out``) of
-every case `bench_kernels.Kernels` times, on one thread and on all of Numba's (a kernel
-that stopped running in parallel shows only there): a figure is head's best run over
-base's. Then the peak memory of each allocating call (`_common.call_peaks`, as
+every case `bench_kernels.Kernels` times and of a cache-sized one (`CASES`), on one
+thread and on all of Numba's (a kernel that stopped running in parallel shows only
+there): a figure is head's best run over base's. Then the peak memory of each allocating call (`_common.call_peaks`, as
 `bench_kernels.PeakMem`; deterministic, so once each): head's over base's, a change
 under `PEAK_SLACK` none. Any figure above ``--factor`` fails: exit status 1, else 0.
 """
@@ -33,8 +33,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-#: bench_kernels.KERNEL_CASES (not imported: that module imports TensorFlow and PyTorch)
-CASES = ["nhwc", "nchw", "nc", "nhwc-f16", "nc-f64", "small", "small-f64", "nhwc-bf16"]
+#: bench_kernels.KERNEL_CASES (not imported: that module imports TensorFlow and PyTorch),
+#: and "nhwc-l3", a cache-sized case of 256 channels the asv suite does not time (see
+#: `_common.CASES`)
+CASES = ["nhwc", "nchw", "nc", "nhwc-f16", "nc-f64", "small", "small-f64", "nhwc-bf16",
+         "nhwc-l3"]
 OPS = ("train", "inference", "backward", "stats")
 #: a timed run is at least this long (``number`` calls, the same for both commits)
 MIN_SECONDS = 0.02
