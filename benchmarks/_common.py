@@ -33,7 +33,7 @@ EPS = 1e-3
 #: name -> (shape, channel axis, dtype). "nhwc"/"nchw" are ResNet-50's conv2 activation
 #: at batch 64 in both layouts (51 MB in float32); "nc" is a dense layer's (N, C)
 #: activation with as many elements; the small ones stay in cache. "nhwc-l3" (8 MB, 256
-#: channels: ResNet-50's conv4 activation at 64 x 64 inputs, batch 32) fits the 32 MB L3
+#: channels: four of ResNet-50's BN inputs at 64 x 64 inputs, batch 32) fits the 32 MB L3
 #: of the machines here but not L2: only `ab_gate` times it (not the asv suite), since the
 #: large cases did not show a kernel change that ran 2.3x slower there.
 CASES = {

@@ -16,9 +16,10 @@ by up to 1.48x; the same kernels in two worker processes, timed in turns, by up 
 Every kernel (train, inference, backward, statistics; into a preallocated ``out``) of
 every case `bench_kernels.Kernels` times and of a cache-sized one (`CASES`), on one
 thread and on all of Numba's (a kernel that stopped running in parallel shows only
-there): a figure is head's best run over base's. Then the peak memory of each allocating call (`_common.call_peaks`, as
-`bench_kernels.PeakMem`; deterministic, so once each): head's over base's, a change
-under `PEAK_SLACK` none. Any figure above ``--factor`` fails: exit status 1, else 0.
+there): a figure is head's best run over base's. Then the peak memory of each
+allocating call (`_common.call_peaks`, as `bench_kernels.PeakMem`; deterministic, so
+once each): head's over base's, a change under `PEAK_SLACK` none. Any figure above
+``--factor`` fails: exit status 1, else 0.
 """
 
 import argparse

@@ -200,9 +200,10 @@ def stats_planes(x, o_per, i_per, mean, var):
     ``train_short`` use ``stats_short_runs`` instead.) A run is swept two ``LANES``
     vectors at a time, each lane's two terms added before its accumulator: one load and
     store of the accumulators per 128 elements (float32, both versions in one process in
-    turns: 1.06-1.30x on one thread, 1.01-1.26x on two, (64, 64, 56, 56) included). The
-    same sweep over the rows reductions, or over the gradient sums, measured 0.4-0.8x on
-    inputs larger than the caches, or no better: not taken.
+    turns: 1.06-1.30x on one thread, 1.01-1.26x on two, (64, 64, 56, 56) included). Not
+    taken elsewhere (README, "Kernels"): four rows per sweep in the rows statistics ran
+    0.41-0.76x once the input outgrew the caches, two in the rows gradient sums 2.3x slower
+    at 256 channels, two vectors in the planes gradient sums 0.90-1.11x.
     """
     O, C, I = x.shape
     n_j = plane_parts(O, I, o_per, i_per)
